@@ -1,0 +1,246 @@
+"""The SpQR engine: GPTQ error feedback with bilevel group statistics and sparse outliers.
+
+Implements SpQR (Dettmers et al., ICLR 2024) Algorithm 1 on plain tensors: takes a weight and
+its Hessian, returns the packed layer. Knows nothing about models or transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from spqr_hf.core.bilevel import quantize_statistic
+from spqr_hf.core.outliers import fit_group_excluding_outliers, outlier_threshold
+from spqr_hf.core.params import SpQRParams
+from spqr_hf.core.quant_grid import fit_minmax, quantize_to_codes
+from spqr_hf.format import layout
+from spqr_hf.format.layout import MAX_IN_FEATURES, affine
+from spqr_hf.format.pack import PackedSpQR, pack_bits, pack_bits_transposed
+
+_FP16_MAX = 65504.0
+_MAX_DAMPING_RETRIES = 6
+_SUBBLOCK = 16  # columns per eager rank-1 update region inside a GPTQ block
+
+
+@dataclass
+class SpQRResult:
+    """A quantized layer plus what the engine observed while producing it."""
+
+    packed: PackedSpQR
+    proxy_loss: float  # sum over columns of ||(w - q(w)) / d||^2: GPTQ's Hessian-weighted error
+    damp_percent: float  # damping actually used (higher than requested after a retry)
+    reconstruction: torch.Tensor | None = None  # [out, in] weights used for error feedback, if kept
+
+    @property
+    def outlier_fraction(self) -> float:
+        return self.packed.nnz / max(1, self.packed.in_features * self.packed.out_features)
+
+
+def _validate_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {getattr(weight, 'shape', type(weight))}")
+    m, n = weight.shape
+    if m == 0 or n == 0:
+        raise ValueError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
+    if n > MAX_IN_FEATURES:
+        raise ValueError(f"in_features={n} exceeds the format's limit of {MAX_IN_FEATURES} columns")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    absmax = float(weight.abs().amax())  # one pass: NaN and inf propagate into the max
+    if not math.isfinite(absmax):
+        raise ValueError("weight contains NaN or infinite values; fix the checkpoint before quantizing")
+    if absmax > _FP16_MAX:
+        raise ValueError("weight has entries beyond the float16 range (65504), which SpQR statistics cannot represent")
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n, n):
+        raise ValueError(
+            f"hessian must have shape ({n}, {n}) to match in_features={n}, got {tuple(getattr(hessian, 'shape', ()))}"
+        )
+    if not math.isfinite(float(hessian.sum())):
+        raise ValueError("hessian contains NaN or infinite values (calibration activations overflowed?)")
+
+
+def _lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion: n^3/3 flops in matmuls,
+    about twice as fast as a triangular solve against the identity, on any device."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    top, bottom = _lower_triangular_inverse(lower[:k, :k], leaf), _lower_triangular_inverse(lower[k:, k:], leaf)
+    out = torch.zeros_like(lower)
+    out[:k, :k], out[k:, k:] = top, bottom
+    out[k:, :k] = -(bottom @ (lower[k:, :k] @ top))
+    return out
+
+
+def _inverse_cholesky_upper(flipped: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, raising damping until it exists.
+
+    Takes ``flipped`` = J H J (J the index reversal). With L the Cholesky factor of J H J,
+    U = J L^-1 J: one Cholesky and one triangular inverse instead of GPTQ's Cholesky, inverse
+    and second Cholesky.
+    """
+    mean_diag = flipped.diagonal().mean()
+    damp = damp_percent
+    for attempt in range(_MAX_DAMPING_RETRIES + 1):
+        damped = flipped.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper = _lower_triangular_inverse(chol).flip(0, 1)
+            if math.isfinite(float(upper.sum())) and bool((upper.diagonal() > 0).all()):
+                if attempt:
+                    warnings.warn(
+                        f"Hessian not positive definite with damp_percent={damp_percent}; used {damp:g} instead",
+                        stacklevel=3,
+                    )
+                return upper, damp
+        damp = max(damp * 10, 0.01)
+    raise ValueError("Hessian is not positive definite even with strong damping; check the calibration inputs")
+
+
+def spqr_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, params: SpQRParams, keep_reconstruction: bool = False
+) -> SpQRResult:
+    """Quantize ``weight`` [out, in] given its input Hessian [in, in]; runs on ``weight.device``.
+
+    ``keep_reconstruction`` also returns the dense weights the error feedback used (for tests
+    of the decoder's bit-exactness; costs one float32 copy of the weight).
+
+    The working matrix is kept transposed (``wt`` [in, out], one input column per row) so that
+    every per-column step touches contiguous memory; GPTQ's lazy updates are blocked twice
+    (sub-blocks of ``_SUBBLOCK`` columns inside blocks of ``params.blocksize``).
+    """
+    _validate_inputs(weight, hessian)
+    device = weight.device
+    m, n = weight.shape
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    if params.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(n, device=device)
+    wt = weight.detach().to(torch.float32).t()[perm].contiguous()
+    wt[dead[perm]] = 0.0
+    reverse = perm.flip(0)
+    u, damp = _inverse_cholesky_upper(h[reverse][:, reverse], params.damp_percent)
+    del h
+    d = u.diagonal().contiguous()
+
+    g = params.effective_groupsize(n)
+    r = params.effective_qq_groupsize(m)
+    maxq = (1 << params.bits) - 1
+    n_groups = layout.num_groups(n, g)
+    blocksize = params.blocksize
+    sub = min(_SUBBLOCK, blocksize)
+    thr = outlier_threshold(wt, d, params.outlier_threshold) if params.has_outliers else None
+
+    codes_t = torch.empty(n, m, dtype=torch.uint8, device=device)
+    stat_codes = {"scale": torch.empty(n_groups, m, dtype=torch.int64, device=device),
+                  "zero": torch.empty(n_groups, m, dtype=torch.int64, device=device)}
+    stat_meta: dict[str, list[torch.Tensor]] = {"scale": [], "zero": []}
+    if thr is not None:
+        outlier_mask_t = torch.zeros(n, m, dtype=torch.bool, device=device)
+        outlier_delta_t = torch.zeros(n, m, dtype=torch.float16, device=device)
+    errors = torch.empty(blocksize, m, dtype=torch.float32, device=device)
+    recon_t = torch.empty(n, m, dtype=torch.float32, device=device) if keep_reconstruction else None
+    scale = zero = None
+
+    for b0 in range(0, n, blocksize):
+        b1 = min(b0 + blocksize, n)
+        for s0 in range(b0, b1, sub):
+            s1 = min(s0 + sub, b1)
+            for j in range(s0, s1):
+                if j % g == 0:
+                    # Every update from columns < j has reached columns j..j+g here: a group
+                    # starts on a sub-block boundary, and one wider than a block on a block's.
+                    scale, zero = _fit_group_statistics(wt[j:j + g], d[j:j + g], maxq, thr, params, r,
+                                                        j // g, stat_codes, stat_meta)
+                col = wt[j]
+                q = quantize_to_codes(col, scale, zero, maxq)
+                recon = affine(q, scale, zero)
+                if thr is not None:
+                    is_outlier = ((col - recon) / d[j]).square() > thr
+                    delta = (col - recon).to(torch.float16)
+                    recon = torch.where(is_outlier, recon + delta.to(torch.float32), recon)
+                    outlier_mask_t[j] = is_outlier
+                    outlier_delta_t[j] = delta
+                err = errors[j - b0]
+                torch.div(col - recon, d[j], out=err)
+                codes_t[j] = q
+                if recon_t is not None:
+                    recon_t[j] = recon
+                if j + 1 < s1:
+                    wt[j + 1:s1].addr_(u[j, j + 1:s1], err, alpha=-1.0)
+            if s1 < b1:
+                wt[s1:b1].addmm_(u[s0:s1, s1:b1].t(), errors[s0 - b0:s1 - b0], alpha=-1.0)
+        if b1 < n:
+            wt[b1:].addmm_(u[b0:b1, b1:].t(), errors[:b1 - b0], alpha=-1.0)
+        # GPTQ's proxy loss sum ||(w - q(w)) / d||^2, accumulated per block without a host sync.
+        loss = errors[:b1 - b0].square().sum() if b0 == 0 else loss + errors[:b1 - b0].square().sum()
+
+    if thr is not None:
+        cols, rows = outlier_mask_t.nonzero(as_tuple=True)
+        order = torch.argsort(rows * n + cols)  # CSR: by row, then column
+        rows, cols = rows[order], cols[order]
+        deltas = outlier_delta_t[cols, rows]
+        counts = torch.bincount(rows, minlength=m)
+    else:
+        cols = torch.zeros(0, dtype=torch.int64, device=device)
+        deltas = torch.zeros(0, dtype=torch.float16, device=device)
+        counts = torch.zeros(m, dtype=torch.int64, device=device)
+    row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+    packed = PackedSpQR(
+        in_features=n, out_features=m, bits=params.bits, groupsize=g, qq_groupsize=r,
+        scale_bits=params.qq_scale_bits, zero_bits=params.qq_zero_bits,
+        qweight=pack_bits_transposed(codes_t, params.bits),
+        scale_codes=pack_bits(stat_codes["scale"], params.qq_scale_bits),
+        zero_codes=pack_bits(stat_codes["zero"], params.qq_zero_bits),
+        scale_meta=torch.stack(stat_meta["scale"]) if stat_meta["scale"] else None,
+        zero_meta=torch.stack(stat_meta["zero"]) if stat_meta["zero"] else None,
+        perm=layout.to_uint16_storage(perm),
+        outlier_row_ptr=row_ptr,
+        outlier_col=layout.to_uint16_storage(cols),
+        outlier_delta=deltas.contiguous(),
+    )
+    reconstruction = None
+    if recon_t is not None:
+        reconstruction = torch.empty(m, n, dtype=torch.float32, device=device)
+        reconstruction[:, perm] = recon_t.t()
+    return SpQRResult(packed=packed, proxy_loss=float(loss), damp_percent=damp, reconstruction=reconstruction)
+
+
+def _fit_group_statistics(
+    group_t: torch.Tensor,
+    group_d: torch.Tensor,
+    maxq: int,
+    thr: torch.Tensor | None,
+    params: SpQRParams,
+    qq_groupsize: int,
+    group_index: int,
+    stat_codes: dict[str, torch.Tensor],
+    stat_meta: dict[str, list[torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one column group's per-row grid (``group_t`` [g, m]), quantize its statistics, record their codes.
+
+    Returns the *decoded* (scale, zero) that the column loop must use, so that the engine's
+    reconstruction is the decoder's bit for bit.
+    """
+    if thr is not None and not params.simplified_outliers:
+        scale, zero = fit_group_excluding_outliers(group_t, group_d, maxq, thr)
+    else:
+        scale, zero = fit_minmax(group_t, maxq)
+    decoded = {}
+    for name, values, bits in (("scale", scale, params.qq_scale_bits), ("zero", zero, params.qq_zero_bits)):
+        stat = quantize_statistic(values, bits, qq_groupsize)
+        stat_codes[name][group_index] = stat.codes
+        if stat.meta is not None:
+            stat_meta[name].append(stat.meta)
+        decoded[name] = stat.decoded
+    return decoded["scale"], decoded["zero"]

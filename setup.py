@@ -13,9 +13,24 @@ from setuptools import find_packages, setup
 TORCH_REQUIREMENT = "torch>=2.13,<2.14"
 
 
+def _cpu_extension():
+    """The CPU kernels (csrc/cpu), or None when they cannot be built here."""
+    return None
+
+
+def _cuda_extension():
+    """The CUDA kernels (csrc/cuda), or None without a CUDA toolkit and a CUDA build of torch."""
+    return None
+
+
 def native_extensions() -> tuple[list, dict]:
     """Extensions to build and the ``cmdclass`` that builds them (empty when none are available)."""
-    return [], {}
+    extensions = [ext for ext in (_cpu_extension(), _cuda_extension()) if ext is not None]
+    if not extensions:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extensions()

@@ -1,0 +1,29 @@
+"""HessianAccumulator: streaming, token-weighted, any input shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic import correlated_inputs, hessian_of
+
+from spqr_hf.core import HessianAccumulator
+
+
+def test_streaming_matches_batch_formula(gen):
+    x = correlated_inputs(300, 24, gen)
+    acc = HessianAccumulator(24)
+    # Uneven batches of different leading shapes: [7, 24], [2, 10, 24], [3, 31, 24], rest.
+    acc.add_batch(x[:7])
+    acc.add_batch(x[7:27].reshape(2, 10, 24))
+    acc.add_batch(x[27:120].reshape(3, 31, 24))
+    acc.add_batch(x[120:])
+    assert acc.num_tokens == 300
+    torch.testing.assert_close(acc.hessian, hessian_of(x), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_is_ignored_and_wrong_width_rejected(gen):
+    acc = HessianAccumulator(8)
+    acc.add_batch(torch.zeros(0, 8))
+    assert acc.num_tokens == 0
+    with pytest.raises(ValueError, match="last dimension 8"):
+        acc.add_batch(torch.randn(4, 9, generator=gen))

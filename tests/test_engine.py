@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of
 
 from spqr_hf import SpQRConfig, SpQRLinear, quantize_weight
 from spqr_hf.core import SpQRParams, gptq_params, round_to_nearest, spqr_quantize
 from spqr_hf.core.outliers import leave_one_out_reduction
 from spqr_hf.core.quant_grid import quantize_dequantize
 from spqr_hf.format.pack import dequantize
+
+from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of
 
 
 def layer(gen: torch.Generator, out_features: int = 256, in_features: int = 256, tokens: int = 2048):

@@ -7,12 +7,13 @@ import dataclasses
 import pytest
 import safetensors.torch
 import torch
-from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of, random_packed
 
 from spqr_hf.core import SpQRParams, spqr_quantize
 from spqr_hf.format import layout
 from spqr_hf.format.pack import dequantize, pack_bits, unpack_bits
 from spqr_hf.nn import SpQRLinear
+
+from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of, random_packed
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 16])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import correlated_inputs, hessian_of
 
 from spqr_hf.core import HessianAccumulator
+
+from synthetic import correlated_inputs, hessian_of
 
 
 def test_streaming_matches_batch_formula(gen):

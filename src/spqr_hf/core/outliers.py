@@ -17,7 +17,9 @@ def outlier_threshold(weight_t: torch.Tensor, inv_chol_diag: torch.Tensor, tau: 
     return tau * (var / inv_chol_diag.square()).mean()
 
 
-def _weighted_sq_error(group: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, maxq: int, d: torch.Tensor) -> torch.Tensor:
+def _weighted_sq_error(
+    group: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, maxq: int, d: torch.Tensor
+) -> torch.Tensor:
     """Per-weight ``((w - q(w)) / d)^2`` [g, m] on the min-max grid spanned by per-row ``lo``/``hi``."""
     scale = ((hi - lo) / maxq).clamp_min(torch.finfo(group.dtype).tiny)
     zero = -lo / scale

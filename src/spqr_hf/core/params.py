@@ -75,7 +75,9 @@ class SpQRParams:
                 "(0.1-0.2 keeps about 1% outliers; float('inf') disables outliers)"
             )
         if not isinstance(self.damp_percent, (int, float)) or not 0 <= self.damp_percent < math.inf:
-            raise ValueError(f"damp_percent={self.damp_percent!r} must be a finite number >= 0 (1.0 for SpQR, 0.01 for GPTQ)")
+            raise ValueError(
+                f"damp_percent={self.damp_percent!r} must be a finite number >= 0 (1.0 for SpQR, 0.01 for GPTQ)"
+            )
         if not (isinstance(self.blocksize, int) and self.blocksize >= 1 and self.blocksize & (self.blocksize - 1) == 0):
             raise ValueError(f"blocksize={self.blocksize!r} must be a positive power of two (default 128)")
         if not isinstance(self.act_order, bool) or not isinstance(self.simplified_outliers, bool):
@@ -91,13 +93,24 @@ class SpQRParams:
     def effective_qq_groupsize(self, out_features: int) -> int:
         return out_features if self.qq_groupsize == WHOLE_ROW else min(self.qq_groupsize, max(out_features, 1))
 
-    def formula_bits(self, outlier_fraction: float = 0.0) -> float:
-        """Average bits per weight by the paper's formula (appendix), for comparing layouts."""
-        g = self.groupsize
-        r = self.qq_groupsize
-        stats = 0.0
+    def formula_bits(self, outlier_fraction: float = 0.0, in_features: int | None = None,
+                     out_features: int | None = None) -> float:
+        """Average bits per weight by the paper's formula (appendix), for comparing layouts.
+
+        bits + (b_s + b_z) / beta1 + 64 / (beta1 * beta2) + 32 * outlier_fraction, with float16
+        statistics counted as 16 bits and no second level. Given the layer's dimensions, partial
+        and whole-row groups are counted as they are (e.g. 576 columns in groups of 128 make 5).
+        """
+        if in_features is None or out_features is None:
+            if WHOLE_ROW in (self.groupsize, self.qq_groupsize):
+                raise ValueError("formula_bits needs the layer's dimensions for whole-row groups")
+            in_features, out_features = self.groupsize, self.qq_groupsize
+        m, n = out_features, in_features
+        groups_per_row = -(-n // self.effective_groupsize(n))
+        chunks = -(-m // self.effective_qq_groupsize(m))
+        bits = float(self.bits)
         for stat_bits in (self.qq_scale_bits, self.qq_zero_bits):
-            stats += (16 if stat_bits == RAW_STAT_BITS else stat_bits) / g if g > 0 else 0.0
-            if stat_bits != RAW_STAT_BITS and g > 0 and r > 0:
-                stats += 32 / (g * r)
-        return self.bits + stats + 32 * outlier_fraction
+            bits += stat_bits * groups_per_row / n  # 16 for float16 statistics
+            if stat_bits != RAW_STAT_BITS:
+                bits += 32 * groups_per_row * chunks / (m * n)  # float16 step and zero per chunk
+        return bits + 32 * outlier_fraction

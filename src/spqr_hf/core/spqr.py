@@ -41,7 +41,8 @@ class SpQRResult:
 
 def _validate_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {getattr(weight, 'shape', type(weight))}")
+        got = getattr(weight, "shape", type(weight))
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {got}")
     m, n = weight.shape
     if m == 0 or n == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
@@ -149,6 +150,7 @@ def spqr_quantize(
         outlier_delta_t = torch.zeros(n, m, dtype=torch.float16, device=device)
     errors = torch.empty(blocksize, m, dtype=torch.float32, device=device)
     recon_t = torch.empty(n, m, dtype=torch.float32, device=device) if keep_reconstruction else None
+    loss = torch.zeros((), dtype=torch.float32, device=device)
     scale = zero = None
 
     for b0 in range(0, n, blocksize):
@@ -182,7 +184,7 @@ def spqr_quantize(
         if b1 < n:
             wt[b1:].addmm_(u[b0:b1, b1:].t(), errors[:b1 - b0], alpha=-1.0)
         # GPTQ's proxy loss sum ||(w - q(w)) / d||^2, accumulated per block without a host sync.
-        loss = errors[:b1 - b0].square().sum() if b0 == 0 else loss + errors[:b1 - b0].square().sum()
+        loss += errors[:b1 - b0].square().sum()
 
     if thr is not None:
         cols, rows = outlier_mask_t.nonzero(as_tuple=True)

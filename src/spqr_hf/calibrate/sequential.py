@@ -1,0 +1,421 @@
+"""Block-by-block SpQR calibration of a transformers model (GPTQ's sequential recipe).
+
+1. Capture what every decoder block receives: hidden states of block 0 plus every keyword
+   argument each block is called with (attention mask, position ids, rotary embeddings...),
+   by running the model once per batch with the blocks replaced by pass-through catchers.
+2. For each block, on the calibration device: find the order in which its linears are called
+   and which share an input (q/k/v; gate/up), accumulate one Hessian per distinct input, quantize
+   with the engine, and put the reconstructed (dequantized) weights in place so later groups
+   (``true_sequential``) and the next block see the quantized model. Passes stop as soon as
+   the last needed input was seen. Then recompute the block's outputs as the next inputs,
+   swap in ``SpQRLinear`` modules and move the block back.
+
+The engine is a parameter (``layer_quantizer``) so baselines (RTN, GPTQ) run through the same driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spqr_hf.calibrate.blocks import (
+    find_block_list,
+    find_linears,
+    in_out_features,
+    is_skipped,
+    set_weight_matrix,
+    weight_matrix,
+)
+from spqr_hf.core.hessian import HessianAccumulator
+from spqr_hf.core.params import SpQRParams
+from spqr_hf.core.spqr import SpQRResult, spqr_quantize
+from spqr_hf.format.pack import dequantize
+from spqr_hf.nn.linear import SpQRLinear
+
+logger = logging.getLogger("spqr_hf")
+
+LayerQuantizer = Callable[[torch.Tensor, torch.Tensor, SpQRParams], SpQRResult]
+_TOKENS_PER_BATCH = 8192
+
+
+def spqr_layer_quantizer(weight: torch.Tensor, hessian: torch.Tensor, params: SpQRParams) -> SpQRResult:
+    """The default ``layer_quantizer``: the SpQR engine, keeping its reconstruction."""
+    return spqr_quantize(weight, hessian, params, keep_reconstruction=True)
+
+
+@dataclass
+class LayerReport:
+    """What quantizing one linear layer produced."""
+
+    name: str
+    in_features: int
+    out_features: int
+    nnz: int
+    relative_error: float  # ||(W - Q) X||^2 / ||W X||^2 over the calibration inputs
+    outlier_fraction: float
+    storage_bits: int  # bits of the packed buffers (bias excluded)
+    damp_percent: float
+    seconds: float
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class QuantizationReport:
+    """All layers of one calibration run, plus the summary the model card and CLI print."""
+
+    params: SpQRParams
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        weights = sum(layer.numel for layer in self.layers)
+        nnz = sum(layer.nnz for layer in self.layers)
+        fraction = nnz / max(1, weights)
+        return {
+            "layers": len(self.layers),
+            "weights": weights,
+            "avg_bits_formula": round(self.params.formula_bits(fraction), 4),
+            "avg_bits_stored": round(sum(layer.storage_bits for layer in self.layers) / max(1, weights), 4),
+            "outlier_fraction": round(fraction, 6),
+            "mean_relative_error": round(
+                sum(layer.relative_error for layer in self.layers) / max(1, len(self.layers)), 6),
+            "seconds": round(self.seconds, 2),
+        }
+
+    def summary_line(self) -> str:
+        s = self.summary()
+        return (
+            f"SpQR quantized {s['layers']} layers ({s['weights']} weights): average bits {s['avg_bits_formula']:.3f} "
+            f"(formula) / {s['avg_bits_stored']:.3f} (stored), outliers {100 * s['outlier_fraction']:.3f}%, "
+            f"mean relative error {s['mean_relative_error']:.4g}, wall time {s['seconds']:.1f} s"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "layers": [asdict(layer) for layer in self.layers]}
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once everything needed was seen."""
+
+
+def calibration_device(requested: str | torch.device | None) -> torch.device:
+    """``requested`` if set, else CUDA when available, else CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class _BlockCall:
+    """How the model called blocks for one batch: positional extras and keywords, per block."""
+
+    args: tuple  # positional arguments after the hidden states (shared by all blocks)
+    kwargs: list[dict[str, Any]]  # per block (entries are the same object when identical)
+
+
+def _has_own_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def _outside_modules(model: nn.Module, block_name: str) -> list[nn.Module]:
+    """Modules that hold parameters/buffers directly and are not inside the block list."""
+    out = []
+    for name, module in model.named_modules():
+        inside = name == block_name or name.startswith(block_name + ".")
+        if not inside and _has_own_tensors(module):
+            out.append(module)
+    return out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block_name: str, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int,
+    device: torch.device, activation_device: torch.device,
+) -> tuple[list[torch.Tensor], list[_BlockCall]]:
+    """Hidden states entering block 0 (one tensor per batch) and every block's call arguments."""
+    first_batch = windows[:batch_size].to(device)
+    records: dict[str, Any] = {}
+
+    def learn(module, args, kwargs):
+        records["args"], records["kwargs"] = args, kwargs
+        raise _Stop
+
+    outside = _outside_modules(model, block_name)
+    homes = [next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device for m in outside]
+    for module in outside:
+        module.to(device)
+    try:
+        # Learn the output structure of a real block (tensor or tuple) once, on the first batch.
+        handle = blocks[0].register_forward_pre_hook(learn, with_kwargs=True)
+        try:
+            model(input_ids=first_batch, attention_mask=torch.ones_like(first_batch), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in records:
+            raise RuntimeError("the model's forward never reached its first decoder block")
+        home0 = next(iter(blocks[0].parameters())).device
+        blocks[0].to(device)
+        sample = blocks[0](*records["args"], **records["kwargs"])
+        blocks[0].to(home0)
+        tuple_len = len(sample) if isinstance(sample, (tuple, list)) else 0
+        del sample
+        records.clear()
+
+        hidden: list[torch.Tensor] = []
+        calls: list[_BlockCall] = []
+        current: dict[str, Any] = {}
+
+        def catcher(index: int):
+            def hook(module, args, kwargs):
+                state = args[0] if args else kwargs["hidden_states"]
+                if index == 0:
+                    current["hidden"] = state
+                    current["args"] = args[1:]
+                    current["kwargs"] = []
+                previous = current["kwargs"][-1] if current["kwargs"] else None
+                same = previous is not None and previous.keys() == kwargs.keys() and all(
+                    previous[k] is kwargs[k] for k in kwargs)
+                current["kwargs"].append(previous if same else dict(kwargs))
+                if index == len(blocks) - 1:
+                    raise _Stop
+                return state if tuple_len == 0 else (state,) + (None,) * (tuple_len - 1)
+            return hook
+
+        originals = []
+        for index, block in enumerate(blocks):
+            originals.append(block.forward)
+            block.forward = _passthrough(catcher(index))
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start:start + batch_size].to(device)
+                try:
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                except _Stop:
+                    pass
+                hidden.append(current["hidden"].to(activation_device))
+                calls.append(_BlockCall(args=current["args"], kwargs=current["kwargs"]))
+                current.clear()
+        finally:
+            for block, forward in zip(blocks, originals, strict=True):
+                block.forward = forward
+                if "forward" in block.__dict__:
+                    del block.__dict__["forward"]
+    finally:
+        for module, home in zip(outside, homes, strict=True):
+            module.to(home)
+    return hidden, calls
+
+
+def _passthrough(hook: Callable) -> Callable:
+    def forward(*args, **kwargs):
+        return hook(None, args, kwargs)
+    return forward
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, call: _BlockCall, index: int, device: torch.device) -> Any:
+    return block(hidden.to(device), *call.args, **call.kwargs[index])
+
+
+@torch.no_grad()
+def discover_groups(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: _BlockCall,
+                    index: int, device: torch.device) -> list[list[str]]:
+    """Linears in call order, grouped by shared input (q/k/v together): one Hessian per group."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, layer in linears.items():
+        def record(module, args, name=name):
+            if all(n != name for n, _ in order):
+                order.append((name, args[0]))
+        handles.append(layer.register_forward_pre_hook(record))
+    try:
+        _run_block(block, hidden, call, index, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    owners: list[torch.Tensor] = []
+    for name, inputs in order:
+        for group, owner in zip(groups, owners, strict=True):
+            if owner is inputs:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            owners.append(inputs)
+    unused = set(linears) - {n for n, _ in order}
+    if unused:
+        logger.warning("linear layers never called during calibration are left unquantized: %s", sorted(unused))
+    return groups
+
+
+@torch.no_grad()
+def _accumulate(block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]], hidden: list[torch.Tensor],
+                calls: list[_BlockCall], index: int, device: torch.device) -> dict[str, HessianAccumulator]:
+    """One Hessian per group (keyed by its first layer); each pass stops at the last group's input."""
+    accumulators = {g[0]: HessianAccumulator(in_out_features(linears[g[0]])[0], device=device) for g in groups}
+    last = groups[-1][0]
+    handles = []
+    for owner, acc in accumulators.items():
+        def hook(module, args, acc=acc, stop=owner == last):
+            acc.add_batch(args[0])
+            if stop:
+                raise _Stop
+        handles.append(linears[owner].register_forward_pre_hook(hook))
+    try:
+        for state, call in zip(hidden, calls, strict=True):
+            try:
+                _run_block(block, state, call, index, device)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    delta = weight - quantized
+    num = float((delta @ hessian).mul_(delta).sum())
+    den = float((weight @ hessian).mul_(weight).sum())
+    return num / den if den > 0 else math.inf if num > 0 else 0.0
+
+
+def _default_batch_size(seqlen: int, nsamples: int) -> int:
+    return max(1, min(nsamples, _TOKENS_PER_BATCH // max(1, seqlen)))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: Any,
+    windows: torch.Tensor,
+    *,
+    layer_quantizer: LayerQuantizer | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize every linear inside the decoder blocks of ``model`` in place; return the report.
+
+    ``config`` is an :class:`~spqr_hf.config.SpQRConfig` (engine settings, ``true_sequential``,
+    ``modules_to_not_convert``, ``block_name_to_quantize``, ``device``); ``windows`` are the
+    calibration token ids ``[nsamples, seqlen]``. Records each layer's outlier count in
+    ``config.quantized_layers`` so the checkpoint can be rebuilt before its weights load.
+    """
+    start = time.perf_counter()
+    params = config.engine_params()
+    quantize_layer = layer_quantizer or spqr_layer_quantizer
+    block_name, blocks = find_block_list(model, getattr(config, "block_name_to_quantize", None))
+    device = calibration_device(getattr(config, "device", None))
+    if batch_size is None:
+        batch_size = getattr(config, "batch_size", None) or _default_batch_size(windows.shape[1], windows.shape[0])
+    activation_device = device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+        need = windows.numel() * hidden_size * torch.finfo(model.dtype).bits // 8
+        activation_device = device if need < free // 3 else torch.device("cpu")
+    skip = list(getattr(config, "modules_to_not_convert", None) or [])
+    report = QuantizationReport(params=params)
+    quantized_layers: dict[str, int] = {}
+
+    hidden, calls = capture_block_inputs(model, block_name, blocks, windows, batch_size, device, activation_device)
+    group_cache: dict[frozenset, list[list[str]]] = {}
+    for index, block in enumerate(tqdm(blocks, desc="SpQR blocks", disable=not progress)):
+        home = next(iter(block.parameters())).device
+        block.to(device)
+        linears = {name: layer for name, layer in find_linears(block).items()
+                   if not is_skipped(f"{block_name}.{index}.{name}", skip)}
+        if linears:
+            key = frozenset(linears)
+            if key not in group_cache:
+                group_cache[key] = discover_groups(block, linears, hidden[0], calls[0], index, device)
+            groups = group_cache[key]
+            stages = [[g] for g in groups] if getattr(config, "true_sequential", True) else [groups]
+            results: dict[str, SpQRResult] = {}
+            bar = tqdm(total=sum(len(g) for g in groups), desc=f"block {index}", leave=False, disable=not progress)
+            for stage in stages:
+                hessians = _accumulate(block, linears, stage, hidden, calls, index, device)
+                for group in stage:
+                    hessian = hessians[group[0]].hessian
+                    for name in group:
+                        full_name = f"{block_name}.{index}.{name}"
+                        layer_start = time.perf_counter()
+                        weight = weight_matrix(linears[name])
+                        result = quantize_layer(weight, hessian, params)
+                        recon = result.reconstruction
+                        if recon is None:
+                            recon = dequantize(result.packed)
+                        rel = _relative_error(weight, recon, hessian)
+                        set_weight_matrix(linears[name], recon)
+                        results[name] = result
+                        packed = result.packed
+                        layer_report = LayerReport(
+                            name=full_name, in_features=packed.in_features, out_features=packed.out_features,
+                            nnz=packed.nnz, relative_error=rel, outlier_fraction=result.outlier_fraction,
+                            storage_bits=packed.storage_bits(), damp_percent=result.damp_percent,
+                            seconds=time.perf_counter() - layer_start,
+                        )
+                        report.layers.append(layer_report)
+                        quantized_layers[full_name] = packed.nnz
+                        logger.info(
+                            "%s [%dx%d]: relative error %.4g, outliers %.3f%%, %.3f bits stored, %.2f s",
+                            full_name, packed.out_features, packed.in_features, rel, 100 * result.outlier_fraction,
+                            packed.storage_bits() / max(1, layer_report.numel), layer_report.seconds,
+                        )
+                        bar.update(1)
+                    del hessians[group[0]]
+            bar.close()
+        for i, (state, call) in enumerate(zip(hidden, calls, strict=True)):
+            hidden[i] = _first_tensor(_run_block(block, state, call, index, device)).to(activation_device)
+        if linears:
+            for name, result in results.items():
+                layer = linears[name]
+                bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
+                module = SpQRLinear.from_packed(result.packed, bias)
+                module.source_type = type(layer).__name__
+                _set_module(block, name, module)
+        block.to(home)
+    if not report.layers:
+        raise ValueError(
+            f"no linear layer inside {block_name} was quantized (all skipped by modules_to_not_convert={skip}?)"
+        )
+    report.seconds = time.perf_counter() - start
+    config.quantized_layers = {**(getattr(config, "quantized_layers", None) or {}), **quantized_layers}
+    config.quantization_summary = report.summary()
+    logger.info(report.summary_line())
+    return report

@@ -26,7 +26,7 @@ import torch
 
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new", "redpajama")
 _LOCAL_HINT = (
-    "pass local text instead: dataset=[\"some text\", ...], a path to a .txt/.jsonl file or folder, "
+    "Pass local text instead: dataset=[\"some text\", ...], a path to a .txt/.jsonl file or folder, "
     "or a datasets.Dataset with a 'text' column"
 )
 

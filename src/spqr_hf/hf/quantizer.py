@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers.quantizers import HfQuantizer
 
-from spqr_hf.calibrate.blocks import find_block_list
+from spqr_hf.calibrate.blocks import find_block_list, find_linears, is_skipped
 from spqr_hf.calibrate.data import get_calibration_data
 from spqr_hf.calibrate.sequential import quantize_model
 from spqr_hf.hf.card import install_save_hooks, remove_save_hooks
@@ -75,8 +75,10 @@ class SpQRHfQuantizer(HfQuantizer):
             names = replace_with_spqr_placeholders(model, config)
             check_checkpoint_tensors(model, kwargs.get("checkpoint_files"), names)
             return model
-        find_block_list(model, config.block_name_to_quantize)  # no blocks: fail before loading weights
-        tokenizer = config.tokenizer or getattr(model.config, "name_or_path", None)
+        _check_something_to_quantize(model, config)  # fail before loading weights
+        tokenizer = config.tokenizer or getattr(model.config, "name_or_path", None) or None
+        if config.tokenizer is None and isinstance(tokenizer, str):
+            config.tokenizer = tokenizer
         with torch.device("cpu"):  # the model is being built under a meta-device context
             self._windows = get_calibration_data(config.dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
         return model
@@ -110,6 +112,18 @@ class SpQRHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _check_something_to_quantize(model: Any, config: Any) -> None:
+    block_name, blocks = find_block_list(model, config.block_name_to_quantize)
+    skip = config.modules_to_not_convert
+    for index, block in enumerate(blocks):
+        if any(not is_skipped(f"{block_name}.{index}.{name}", skip) for name in find_linears(block)):
+            return
+    raise ValueError(
+        f"no linear layer inside {block_name} would be quantized (modules_to_not_convert={skip} skips them all, "
+        "or the blocks hold no nn.Linear / Conv1D)"
+    )
 
 
 def count_spqr_layers(model: Any) -> int:

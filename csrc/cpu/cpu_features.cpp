@@ -1,0 +1,67 @@
+// CPUID-based dispatch. Built with baseline flags: nothing here may use AVX itself.
+#include "cpu_features.h"
+
+#include <cstdlib>
+
+namespace spqr_hf {
+namespace cpu {
+namespace {
+
+struct Candidate {
+  const char* name;
+  const KernelTable* table;
+  bool (*supported)();
+};
+
+#if defined(SPQR_HF_X86_KERNELS)
+// __builtin_cpu_supports checks CPUID and that the OS saves the wider registers (XGETBV).
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+bool always() { return true; }
+
+const std::vector<Candidate>& candidates() {  // best first
+  static const std::vector<Candidate> all = {
+#if defined(SPQR_HF_X86_KERNELS)
+      {"avx512", &kAvx512Kernels, &has_avx512},
+      {"avx2", &kAvx2Kernels, &has_avx2},
+#endif
+      {"scalar", &kScalarKernels, &always},
+  };
+  return all;
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Candidate& c : candidates())
+    if (c.supported()) names.emplace_back(c.name);
+  return names;
+}
+
+const KernelTable* select_kernels(std::string* error) {
+  const char* env = std::getenv(kIsaEnvVar);
+  const std::string requested = env == nullptr ? "" : env;
+  const bool automatic = requested.empty() || requested == "auto";
+  for (const Candidate& c : candidates()) {
+    if (automatic ? c.supported() : requested == c.name) {
+      if (c.supported()) return c.table;
+      *error = std::string(kIsaEnvVar) + "=" + requested + " but this CPU does not support it; unset it or choose one of the supported instruction sets";
+      return nullptr;
+    }
+  }
+  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512 (or its kernels were not built for this platform)";
+  return nullptr;
+}
+
+}  // namespace cpu
+}  // namespace spqr_hf

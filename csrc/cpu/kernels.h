@@ -1,0 +1,67 @@
+// ISA-neutral interface between the operator glue (ops.cpp, built with baseline flags) and the
+// per-ISA kernel files (kernels_{scalar,avx2,avx512}.cpp, each built with its own -m flags).
+//
+// Only plain data and function pointers cross this boundary: no inline code is shared, so no
+// AVX-512 copy of a helper can be picked by the linker for the scalar path (see kernel_body.inc).
+// Every pointer and size in LayerView has been validated by ops.cpp before a kernel sees it.
+#pragma once
+
+#include <cstdint>
+
+namespace spqr_hf {
+namespace cpu {
+
+constexpr int64_t kTileRows = 16;  // rows decoded together (statistics are unpacked 16 at a time)
+constexpr int64_t kBlockCols = 16;  // weight codes unpacked together
+constexpr int kMaxVectors = 4;  // activation vectors one matvec pass serves
+
+// One packed layer (see src/spqr_hf/format/layout.py for the meaning of every buffer).
+struct LayerView {
+  const uint8_t* qweight;  // [m, qweight_row_bytes]
+  int64_t qweight_row_bytes;
+  const uint8_t* scale_codes;  // [G, scale_row_bytes]
+  int64_t scale_row_bytes;
+  const uint8_t* zero_codes;  // [G, zero_row_bytes]
+  int64_t zero_row_bytes;
+  const uint16_t* scale_meta;  // [G, R, 2] float16 bits, or nullptr when scale_bits == 16
+  const uint16_t* zero_meta;  // [G, R, 2] float16 bits, or nullptr when zero_bits == 16
+  const int32_t* outlier_row_ptr;  // [m + 1], validated: 0, monotone, ends at nnz
+  const uint16_t* outlier_col;  // [nnz] permuted columns (checked < n while used)
+  const uint16_t* outlier_delta;  // [nnz] float16 bits
+  int64_t m, n;  // out_features, in_features
+  int64_t n_padded;  // n rounded up to kBlockCols
+  int bits, scale_bits, zero_bits;
+  int64_t groupsize, qq_groupsize, n_groups, n_chunks;
+  const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
+};
+
+// Per-thread scratch a kernel may use: at least scratch_floats(layer) floats.
+inline int64_t scratch_floats(const LayerView& layer) { return 2 * layer.n_groups * kTileRows + 2 * layer.n_padded; }
+
+// y[v, i] (fp32, row stride y_stride) = sum_k W_perm[i, k] * xp[v, k] for rows [row_begin, row_end)
+// (a multiple of kTileRows, or m) and v < n_vectors; xp rows have stride n_padded, zero past n.
+// Returns false when an outlier column is out of range (the caller raises).
+using MatvecFn = bool (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
+                          int64_t row_begin, int64_t row_end, float* scratch);
+
+// Dense rows [row_begin, row_end) of W_perm, outliers included, into dst (row stride ld >= n_padded;
+// columns [n, n_padded) set to zero), as float32 (DequantF32Fn) or bfloat16 bits rounded to nearest
+// even (DequantBf16Fn). dst points at row row_begin. Returns false on a bad outlier column.
+using DequantF32Fn = bool (*)(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                              float* scratch);
+using DequantBf16Fn = bool (*)(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin,
+                               int64_t row_end, float* scratch);
+
+struct KernelTable {
+  const char* name;
+  MatvecFn matvec;
+  DequantF32Fn dequant_f32;
+  DequantBf16Fn dequant_bf16;
+};
+
+extern const KernelTable kScalarKernels;
+extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx512Kernels;
+
+}  // namespace cpu
+}  // namespace spqr_hf

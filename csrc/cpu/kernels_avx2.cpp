@@ -1,0 +1,84 @@
+// AVX2 + FMA + F16C kernels. Built with -mavx2 -mfma -mf16c (setup.py); only called after the
+// runtime CPUID check in cpu_features.cpp, so the package still runs on older CPUs.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace spqr_hf {
+namespace cpu {
+namespace isa_avx2 {
+
+#include "spqr_hf/layout.h"
+
+struct V {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+
+// Lane l of a code vector takes bytes (l * bits) / 8 and the next one of the 16-byte window
+// (replicated in both 128-bit halves), shifted right by (l * bits) % 8 and masked.
+struct CodeCtl {
+  __m256i shuffle_lo, shuffle_hi, shift_lo, shift_hi, mask;
+};
+
+inline CodeCtl make_ctl(int bits) {
+  alignas(32) int8_t shuffle[2][32];
+  alignas(32) int32_t shift[2][8];
+  for (int l = 0; l < 16; ++l) {
+    const int bit = l * bits, byte = bit >> 3;
+    int8_t* s = &shuffle[l / 8][(l % 8) * 4];
+    s[0] = static_cast<int8_t>(byte);
+    s[1] = static_cast<int8_t>(byte + 1 < 16 ? byte + 1 : -128);
+    s[2] = s[3] = -128;
+    shift[l / 8][l % 8] = bit & 7;
+  }
+  CodeCtl c;
+  c.shuffle_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle[0]));
+  c.shuffle_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle[1]));
+  c.shift_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift[0]));
+  c.shift_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift[1]));
+  c.mask = _mm256_set1_epi32((1 << bits) - 1);
+  return c;
+}
+inline V v_zero() { return V{_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V v_set1(float a) { return V{_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+inline V v_load(const float* p) { return V{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void v_store(float* p, V a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline V v_sub(V a, V b) { return V{_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline V v_mul(V a, V b) { return V{_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V v_fma(V a, V b, V c) { return V{_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline float v_sum(V a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+  return _mm_cvtss_f32(q);
+}
+inline V v_codes(const uint8_t* w, const CodeCtl& c) {
+  const __m256i window = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  __m256i lo = _mm256_shuffle_epi8(window, c.shuffle_lo);
+  __m256i hi = _mm256_shuffle_epi8(window, c.shuffle_hi);
+  lo = _mm256_and_si256(_mm256_srlv_epi32(lo, c.shift_lo), c.mask);
+  hi = _mm256_and_si256(_mm256_srlv_epi32(hi, c.shift_hi), c.mask);
+  return V{_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)};
+}
+inline V v_half(const uint16_t* p) {
+  return V{_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline float half1(uint16_t h) { return _cvtsh_ss(h); }
+
+#include "kernel_body.inc"
+
+}  // namespace isa_avx2
+
+const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::detail::matvec, &isa_avx2::detail::dequant_f32,
+                                  &isa_avx2::detail::dequant_bf16};
+
+}  // namespace cpu
+}  // namespace spqr_hf

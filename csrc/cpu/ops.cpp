@@ -1,0 +1,218 @@
+// CPU kernel of spqr_hf::spqr_linear (schema defined in src/spqr_hf/ops/_schema.py).
+//
+// Validates every shape, dtype, size and index it is given (a corrupted checkpoint raises a
+// Python exception, never reads out of bounds), then runs on torch's intra-op thread pool:
+//   * batch <= kMatvecMaxBatch rows: the matvec kernel reads the packed buffers directly;
+//   * larger batches (prefill): row tiles of W_perm are dequantised into a cache-sized buffer
+//     (float32, or bfloat16 for bfloat16 activations) and multiplied by torch's GEMM.
+// Both accumulate in float32; the output has the activation dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "kernels.h"
+#include "spqr_hf/layout.h"
+
+namespace spqr_hf {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
+constexpr int64_t kGemmTileBytes = int64_t(1) << 21;  // dequantised tile size (fits L2)
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "spqr_linear: packed tensor '", name, "' is on ", t.device(),
+              "; move the whole layer to the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, "spqr_linear: packed tensor '", name, "' has dtype ", t.scalar_type(),
+              ", expected ", dtype, " (corrupted or mismatched checkpoint?)");
+  TORCH_CHECK(t.sizes() == shape, "spqr_linear: packed tensor '", name, "' has shape ", t.sizes(), ", expected ",
+              shape, " for this layer's in/out features, bits and group sizes (corrupted or mismatched checkpoint?)");
+}
+
+bool valid_stat_bits(int64_t b) { return (b >= kMinBits && b <= kMaxBits) || b == kRawStatBits; }
+
+const KernelTable& kernels_or_throw() {
+  std::string error;
+  const KernelTable* table = select_kernels(&error);
+  TORCH_CHECK(table != nullptr, "spqr_linear: ", error);
+  return *table;
+}
+
+// x[:, perm] as float32 rows of length n_padded (zero past n).
+at::Tensor permute_to_f32(const at::Tensor& x2, const uint16_t* perm, int64_t n, int64_t n_padded) {
+  const int64_t rows = x2.size(0);
+  at::Tensor xp = at::zeros({rows, n_padded}, x2.options().dtype(at::kFloat));
+  float* out = xp.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "spqr_permute", [&] {
+    const scalar_t* in = x2.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < n; ++k) out[r * n_padded + k] = static_cast<float>(in[r * n + perm[k]]);
+  });
+  return xp;
+}
+
+at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_codes,
+                           const at::Tensor& zero_codes, const std::optional<at::Tensor>& scale_meta,
+                           const std::optional<at::Tensor>& zero_meta, const at::Tensor& perm,
+                           const at::Tensor& outlier_row_ptr, const at::Tensor& outlier_col,
+                           const at::Tensor& outlier_delta, const std::optional<at::Tensor>& bias, int64_t in_features,
+                           int64_t out_features, int64_t bits, int64_t groupsize, int64_t qq_groupsize,
+                           int64_t scale_bits, int64_t zero_bits) {
+  const int64_t n = in_features, m = out_features;
+  // Geometry.
+  TORCH_CHECK(n >= 1 && n <= kMaxInFeatures, "spqr_linear: in_features=", n, " must be in [1, ", kMaxInFeatures, "]");
+  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31), "spqr_linear: out_features=", m, " must be in [1, 2^31)");
+  TORCH_CHECK(bits >= kMinBits && bits <= kMaxBits, "spqr_linear: bits=", bits, " must be in [", kMinBits, ", ",
+              kMaxBits, "]");
+  TORCH_CHECK(valid_stat_bits(scale_bits) && valid_stat_bits(zero_bits), "spqr_linear: scale_bits=", scale_bits,
+              " and zero_bits=", zero_bits, " must be in [2, 8] or 16");
+  TORCH_CHECK(groupsize >= 1 && qq_groupsize >= 1, "spqr_linear: groupsize=", groupsize,
+              " and qq_groupsize=", qq_groupsize, " must be positive (whole-row groups are passed as their size)");
+  const int64_t G = num_groups(n, std::min(groupsize, n));
+  const int64_t R = num_groups(m, std::min(qq_groupsize, m));
+  // Activations.
+  TORCH_CHECK(x.device().is_cpu(), "spqr_linear: the CPU kernel got x on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "spqr_linear: x has dtype ", x.scalar_type(), "; use float32, bfloat16 or float16 activations");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "spqr_linear: x has shape ", x.sizes(), ", expected [..., ", n, "]");
+  // Packed buffers.
+  check_buffer(qweight, "qweight", at::kInt, {m, words_for(n, bits)});
+  check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
+  check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
+  if (scale_bits != kRawStatBits) {
+    TORCH_CHECK(scale_meta.has_value(), "spqr_linear: scale_bits=", scale_bits, " needs 'scale_meta'");
+    check_buffer(*scale_meta, "scale_meta", at::kHalf, {G, R, 2});
+  }
+  if (zero_bits != kRawStatBits) {
+    TORCH_CHECK(zero_meta.has_value(), "spqr_linear: zero_bits=", zero_bits, " needs 'zero_meta'");
+    check_buffer(*zero_meta, "zero_meta", at::kHalf, {G, R, 2});
+  }
+  check_buffer(perm, "perm", at::kShort, {n});
+  check_buffer(outlier_row_ptr, "outlier_row_ptr", at::kInt, {m + 1});
+  const int64_t nnz = outlier_col.numel();
+  check_buffer(outlier_col, "outlier_col", at::kShort, {nnz});
+  check_buffer(outlier_delta, "outlier_delta", at::kHalf, {nnz});
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 &&
+                    bias->size(0) == m,
+                "spqr_linear: bias must be a floating CPU tensor of shape [", m, "], got ", bias->sizes(), " ",
+                bias->scalar_type(), " on ", bias->device());
+  }
+
+  const at::Tensor qw = qweight.contiguous(), sc = scale_codes.contiguous(), zc = zero_codes.contiguous();
+  const at::Tensor sm = scale_bits != kRawStatBits ? scale_meta->contiguous() : at::Tensor();
+  const at::Tensor zm = zero_bits != kRawStatBits ? zero_meta->contiguous() : at::Tensor();
+  const at::Tensor pm = perm.contiguous(), rp = outlier_row_ptr.contiguous();
+  const at::Tensor oc = outlier_col.contiguous(), od = outlier_delta.contiguous();
+
+  // Indices: perm values and the CSR row pointer (outlier columns are checked as they are used).
+  const uint16_t* perm_u = reinterpret_cast<const uint16_t*>(pm.data_ptr<int16_t>());
+  for (int64_t k = 0; k < n; ++k)
+    TORCH_CHECK(perm_u[k] < n, "spqr_linear: 'perm' holds column ", perm_u[k], " >= in_features=", n,
+                " (corrupted checkpoint?)");
+  const int32_t* row_ptr = rp.data_ptr<int32_t>();
+  TORCH_CHECK(row_ptr[0] == 0 && row_ptr[m] == nnz, "spqr_linear: 'outlier_row_ptr' must start at 0 and end at nnz=",
+              nnz, ", got ", row_ptr[0], " and ", row_ptr[m], " (corrupted checkpoint?)");
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(row_ptr[i] <= row_ptr[i + 1], "spqr_linear: 'outlier_row_ptr' decreases at row ", i,
+                " (corrupted checkpoint?)");
+
+  const int64_t n_padded = round_up(n, kBlockCols);
+  const int64_t effective_group = std::min(groupsize, n);
+  std::vector<int32_t> lane_group(n_padded);
+  for (int64_t k = 0; k < n_padded; ++k) lane_group[k] = static_cast<int32_t>(std::min(k, n - 1) / effective_group);
+
+  LayerView L{};
+  L.qweight = reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());
+  L.qweight_row_bytes = qw.size(1) * 4;
+  L.scale_codes = reinterpret_cast<const uint8_t*>(sc.data_ptr<int32_t>());
+  L.scale_row_bytes = sc.size(1) * 4;
+  L.zero_codes = reinterpret_cast<const uint8_t*>(zc.data_ptr<int32_t>());
+  L.zero_row_bytes = zc.size(1) * 4;
+  L.scale_meta = sm.defined() ? reinterpret_cast<const uint16_t*>(sm.data_ptr<at::Half>()) : nullptr;
+  L.zero_meta = zm.defined() ? reinterpret_cast<const uint16_t*>(zm.data_ptr<at::Half>()) : nullptr;
+  L.outlier_row_ptr = row_ptr;
+  L.outlier_col = reinterpret_cast<const uint16_t*>(oc.data_ptr<int16_t>());
+  L.outlier_delta = reinterpret_cast<const uint16_t*>(od.data_ptr<at::Half>());
+  L.m = m;
+  L.n = n;
+  L.n_padded = n_padded;
+  L.bits = static_cast<int>(bits);
+  L.scale_bits = static_cast<int>(scale_bits);
+  L.zero_bits = static_cast<int>(zero_bits);
+  L.groupsize = effective_group;
+  L.qq_groupsize = std::min(qq_groupsize, m);
+  L.n_groups = G;
+  L.n_chunks = R;
+  L.lane_group = lane_group.data();
+
+  const KernelTable& kernels = kernels_or_throw();
+  const at::Tensor x2 = x.reshape({-1, n}).contiguous();
+  const int64_t batch = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = m;
+  if (batch == 0) return at::empty(out_shape, x.options());
+
+  const int64_t n_tiles = num_groups(m, kTileRows);
+  const int64_t scratch_size = scratch_floats(L);
+  std::atomic<bool> ok{true};
+  at::Tensor y;  // [batch, m]
+  if (batch <= kMatvecMaxBatch) {
+    const at::Tensor xp = permute_to_f32(x2, perm_u, n, n_padded);
+    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
+    const float* xp_ptr = xp.data_ptr<float>();
+    float* y_ptr = y.data_ptr<float>();
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(scratch_size);
+      if (!kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m),
+                          scratch.data()))
+        ok = false;
+    });
+  } else {
+    const bool use_bf16 = x.scalar_type() == at::kBFloat16;
+    const at::ScalarType gemm_dtype = use_bf16 ? at::kBFloat16 : at::kFloat;
+    const int64_t element = use_bf16 ? 2 : 4;
+    at::Tensor xp = at::zeros({batch, n_padded}, x.options().dtype(gemm_dtype));
+    xp.narrow(1, 0, n).copy_(x2.index_select(1, pm.to(at::kLong).bitwise_and(0xFFFF)));
+    const int64_t tile_rows = std::min(round_up(m, kTileRows),
+                                       std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows));
+    at::Tensor w_tile = at::empty({tile_rows, n_padded}, x.options().dtype(gemm_dtype));
+    y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
+    for (int64_t row0 = 0; row0 < m; row0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, m - row0);
+      at::parallel_for(0, num_groups(rows, kTileRows), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(scratch_size);
+        const int64_t r0 = row0 + begin * kTileRows, r1 = std::min(row0 + end * kTileRows, row0 + rows);
+        const bool tile_ok =
+            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
+                                                   (r0 - row0) * n_padded,
+                                            n_padded, r0, r1, scratch.data())
+                     : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (r0 - row0) * n_padded, n_padded, r0, r1,
+                                           scratch.data());
+        if (!tile_ok) ok = false;
+      });
+      TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
+                  " (corrupted checkpoint?)");
+      y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));
+    }
+  }
+  TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
+              " (corrupted checkpoint?)");
+  if (bias.has_value()) y = y.to(at::kFloat).add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spqr_hf, CPU, m) { m.impl("spqr_linear", &spqr_linear_cpu); }
+
+}  // namespace cpu
+}  // namespace spqr_hf

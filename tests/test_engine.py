@@ -190,3 +190,22 @@ def test_quantize_weight_returns_module_with_bias(gen):
     assert isinstance(module, SpQRLinear)
     assert torch.equal(module.bias, bias)
     assert module.outlier_fraction == module.nnz / (24 * 40)
+
+
+def test_shared_hessian_pass_matches_separate_layers(gen):
+    """q/k/v-style layers quantized in one pass: each exact to its decoder and ~its own run."""
+    from spqr_hf.core.spqr import spqr_quantize_shared
+
+    hessian = hessian_of(correlated_inputs(512, 64, gen))
+    weights = [heavy_tailed_weight(rows, 64, gen) * scale for rows, scale in ((48, 1.0), (16, 3.0), (32, 0.5))]
+    params = SpQRParams(bits=3, groupsize=16, qq_groupsize=16, outlier_threshold=0.2)
+    shared = spqr_quantize_shared(weights, hessian, params, keep_reconstruction=True)
+    for weight, result in zip(weights, shared, strict=True):
+        alone = spqr_quantize(weight, hessian, params, keep_reconstruction=True)
+        assert torch.equal(dequantize(result.packed), result.reconstruction)
+        assert result.packed.out_features == weight.shape[0]
+        torch.testing.assert_close(result.reconstruction, alone.reconstruction, rtol=0, atol=1e-4)
+        assert abs(result.packed.nnz - alone.packed.nnz) <= max(2, alone.packed.nnz // 20)
+    # Layers whose rows do not fill whole second-level chunks fall back to separate passes.
+    odd = spqr_quantize_shared([weights[0][:40], weights[1]], hessian, params)
+    assert [r.packed.out_features for r in odd] == [40, 16]

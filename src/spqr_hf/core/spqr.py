@@ -6,15 +6,17 @@ its Hessian, returns the packed layer. Knows nothing about models or transformer
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from spqr_hf.core.bilevel import quantize_statistic
 from spqr_hf.core.outliers import fit_group_excluding_outliers, outlier_threshold
-from spqr_hf.core.params import SpQRParams
+from spqr_hf.core.params import WHOLE_ROW, SpQRParams
 from spqr_hf.core.quant_grid import fit_minmax, quantize_to_codes
 from spqr_hf.format import layout
 from spqr_hf.format.layout import MAX_IN_FEATURES, affine
@@ -111,14 +113,40 @@ def spqr_quantize(
 
     ``keep_reconstruction`` also returns the dense weights the error feedback used (for tests
     of the decoder's bit-exactness; costs one float32 copy of the weight).
+    """
+    return spqr_quantize_shared([weight], hessian, params, keep_reconstruction)[0]
 
-    The working matrix is kept transposed (``wt`` [in, out], one input column per row) so that
+
+def _can_share_pass(weights: Sequence[torch.Tensor], params: SpQRParams) -> bool:
+    """Rows of several layers can share one pass when no second-level chunk straddles two layers."""
+    if params.qq_groupsize == WHOLE_ROW:
+        return False
+    return all(w.shape[0] % params.effective_qq_groupsize(w.shape[0]) == 0 for w in weights)
+
+
+def spqr_quantize_shared(
+    weights: Sequence[torch.Tensor], hessian: torch.Tensor, params: SpQRParams, keep_reconstruction: bool = False
+) -> list[SpQRResult]:
+    """Quantize layers that read the same input (q/k/v, gate/up) with one Hessian, in one pass.
+
+    GPTQ's work is per output row given H, so stacking the rows of such layers gives each the
+    same result as its own run (each keeps its own outlier threshold), while the per-column
+    Python loop, the damping/Cholesky and the permutation are paid once instead of per layer.
+
+    The working matrix is kept transposed (``wt`` [in, rows], one input column per row) so that
     every per-column step touches contiguous memory; GPTQ's lazy updates are blocked twice
     (sub-blocks of ``_SUBBLOCK`` columns inside blocks of ``params.blocksize``).
     """
-    _validate_inputs(weight, hessian)
-    device = weight.device
-    m, n = weight.shape
+    if not weights:
+        return []
+    for weight in weights:
+        _validate_inputs(weight, hessian)
+    if len(weights) > 1 and not _can_share_pass(weights, params):
+        return [spqr_quantize_shared([w], hessian, params, keep_reconstruction)[0] for w in weights]
+    device = weights[0].device
+    n = hessian.shape[0]
+    sizes = [w.shape[0] for w in weights]
+    m = sum(sizes)
     h = hessian.detach().to(device=device, dtype=torch.float32).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
@@ -126,7 +154,7 @@ def spqr_quantize(
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     else:
         perm = torch.arange(n, device=device)
-    wt = weight.detach().to(torch.float32).t()[perm].contiguous()
+    wt = torch.cat([w.detach().to(device=device, dtype=torch.float32).t()[perm] for w in weights], dim=1)
     wt[dead[perm]] = 0.0
     reverse = perm.flip(0)
     u, damp = _inverse_cholesky_upper(h[reverse][:, reverse], params.damp_percent)
@@ -134,12 +162,17 @@ def spqr_quantize(
     d = u.diagonal().contiguous()
 
     g = params.effective_groupsize(n)
-    r = params.effective_qq_groupsize(m)
+    r = params.effective_qq_groupsize(m if len(weights) > 1 else sizes[0])
     maxq = (1 << params.bits) - 1
     n_groups = layout.num_groups(n, g)
     blocksize = params.blocksize
     sub = min(_SUBBLOCK, blocksize)
-    thr = outlier_threshold(wt, d, params.outlier_threshold) if params.has_outliers else None
+    starts = itertools.accumulate([0] + sizes[:-1])
+    row_slices = [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+    thr = None
+    if params.has_outliers:  # one threshold per layer, as a per-row vector
+        thr = torch.cat([outlier_threshold(wt[:, rows], d, params.outlier_threshold).expand(rows.stop - rows.start)
+                         for rows in row_slices])
 
     codes_t = torch.empty(n, m, dtype=torch.uint8, device=device)
     stat_codes = {"scale": torch.empty(n_groups, m, dtype=torch.int64, device=device),
@@ -150,7 +183,7 @@ def spqr_quantize(
         outlier_delta_t = torch.zeros(n, m, dtype=torch.float16, device=device)
     errors = torch.empty(blocksize, m, dtype=torch.float32, device=device)
     recon_t = torch.empty(n, m, dtype=torch.float32, device=device) if keep_reconstruction else None
-    loss = torch.zeros((), dtype=torch.float32, device=device)
+    row_loss = torch.zeros(m, dtype=torch.float32, device=device)
     scale = zero = None
 
     for b0 in range(0, n, blocksize):
@@ -183,39 +216,61 @@ def spqr_quantize(
                 wt[s1:b1].addmm_(u[s0:s1, s1:b1].t(), errors[s0 - b0:s1 - b0], alpha=-1.0)
         if b1 < n:
             wt[b1:].addmm_(u[b0:b1, b1:].t(), errors[:b1 - b0], alpha=-1.0)
-        # GPTQ's proxy loss sum ||(w - q(w)) / d||^2, accumulated per block without a host sync.
-        loss += errors[:b1 - b0].square().sum()
+        # GPTQ's proxy loss sum ||(w - q(w)) / d||^2 per row, accumulated without a host sync.
+        row_loss += errors[:b1 - b0].square().sum(dim=0)
 
-    if thr is not None:
-        cols, rows = outlier_mask_t.nonzero(as_tuple=True)
-        order = torch.argsort(rows * n + cols)  # CSR: by row, then column
-        rows, cols = rows[order], cols[order]
-        deltas = outlier_delta_t[cols, rows]
-        counts = torch.bincount(rows, minlength=m)
-    else:
-        cols = torch.zeros(0, dtype=torch.int64, device=device)
-        deltas = torch.zeros(0, dtype=torch.float16, device=device)
-        counts = torch.zeros(m, dtype=torch.int64, device=device)
-    row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    metas = {name: torch.stack(values) if values else None for name, values in stat_meta.items()}
+    results = []
+    for rows in row_slices:
+        packed = PackedSpQR(
+            in_features=n, out_features=rows.stop - rows.start, bits=params.bits, groupsize=g,
+            qq_groupsize=r if len(weights) > 1 else params.effective_qq_groupsize(sizes[0]),
+            scale_bits=params.qq_scale_bits, zero_bits=params.qq_zero_bits,
+            qweight=pack_bits_transposed(codes_t[:, rows], params.bits),
+            scale_codes=pack_bits(stat_codes["scale"][:, rows], params.qq_scale_bits),
+            zero_codes=pack_bits(stat_codes["zero"][:, rows], params.qq_zero_bits),
+            scale_meta=_meta_rows(metas["scale"], rows, r),
+            zero_meta=_meta_rows(metas["zero"], rows, r),
+            perm=layout.to_uint16_storage(perm),
+            **_outliers_csr(outlier_mask_t[:, rows], outlier_delta_t[:, rows]) if thr is not None
+            else _outliers_csr(None, None, rows.stop - rows.start, device),
+        )
+        reconstruction = None
+        if recon_t is not None:
+            reconstruction = torch.empty(rows.stop - rows.start, n, dtype=torch.float32, device=device)
+            reconstruction[:, perm] = recon_t[:, rows].t()
+        results.append(SpQRResult(packed=packed, proxy_loss=float(row_loss[rows].sum()), damp_percent=damp,
+                                  reconstruction=reconstruction))
+    return results
 
-    packed = PackedSpQR(
-        in_features=n, out_features=m, bits=params.bits, groupsize=g, qq_groupsize=r,
-        scale_bits=params.qq_scale_bits, zero_bits=params.qq_zero_bits,
-        qweight=pack_bits_transposed(codes_t, params.bits),
-        scale_codes=pack_bits(stat_codes["scale"], params.qq_scale_bits),
-        zero_codes=pack_bits(stat_codes["zero"], params.qq_zero_bits),
-        scale_meta=torch.stack(stat_meta["scale"]) if stat_meta["scale"] else None,
-        zero_meta=torch.stack(stat_meta["zero"]) if stat_meta["zero"] else None,
-        perm=layout.to_uint16_storage(perm),
-        outlier_row_ptr=row_ptr,
-        outlier_col=layout.to_uint16_storage(cols),
-        outlier_delta=deltas.contiguous(),
-    )
-    reconstruction = None
-    if recon_t is not None:
-        reconstruction = torch.empty(m, n, dtype=torch.float32, device=device)
-        reconstruction[:, perm] = recon_t.t()
-    return SpQRResult(packed=packed, proxy_loss=float(loss), damp_percent=damp, reconstruction=reconstruction)
+
+def _meta_rows(meta: torch.Tensor | None, rows: slice, qq_groupsize: int) -> torch.Tensor | None:
+    """The second-level meta chunks of one layer's rows (chunks never straddle layers)."""
+    if meta is None:
+        return None
+    return meta[:, rows.start // qq_groupsize:-(-rows.stop // qq_groupsize)].contiguous()
+
+
+def _outliers_csr(
+    mask_t: torch.Tensor | None, delta_t: torch.Tensor | None, rows: int = 0, device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """CSR outlier buffers (row pointers, permuted columns, float16 deltas) from [in, out] masks."""
+    if mask_t is None:
+        return {
+            "outlier_row_ptr": torch.zeros(rows + 1, dtype=torch.int32, device=device),
+            "outlier_col": torch.zeros(0, dtype=torch.int16, device=device),
+            "outlier_delta": torch.zeros(0, dtype=torch.float16, device=device),
+        }
+    n, m = mask_t.shape
+    cols, row_index = mask_t.nonzero(as_tuple=True)
+    order = torch.argsort(row_index * n + cols)  # CSR: by row, then column
+    row_index, cols = row_index[order], cols[order]
+    counts = torch.bincount(row_index, minlength=m)
+    return {
+        "outlier_row_ptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32),
+        "outlier_col": layout.to_uint16_storage(cols),
+        "outlier_delta": delta_t[cols, row_index].contiguous(),
+    }
 
 
 def _fit_group_statistics(

@@ -64,8 +64,34 @@ def _cpu_extension():
 
 
 def _cuda_extension():
-    """The CUDA kernels (csrc/cuda), or None without a CUDA toolkit and a CUDA build of torch."""
-    return None
+    """The CUDA kernels (csrc/cuda), or None without a CUDA toolkit and a CUDA build of torch.
+
+    ``SPQR_HF_BUILD_CUDA=0`` opts out. Optional like the CPU extension: a failed CUDA build
+    leaves the install working, with the pure-torch path serving CUDA tensors.
+    """
+    if os.environ.get("SPQR_HF_BUILD_CUDA", "1") == "0":
+        return None
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    except ImportError:
+        return None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        # CPU build of torch, or no CUDA toolkit: nothing to build (the reference serves CUDA).
+        return None
+    cuda_dir = os.path.join("csrc", "cuda")
+    sources = sorted(os.path.join(cuda_dir, f) for f in os.listdir(os.path.join(_ROOT, cuda_dir)) if f.endswith(".cu"))
+    # Ampere, Ada, Hopper SASS plus PTX for newer GPUs. Explicit -gencode flags make torch's
+    # BuildExtension skip its own arch detection (no dependence on the build host's GPU).
+    arch_flags = [f"-gencode=arch=compute_{sm},code=sm_{sm}" for sm in (80, 86, 89, 90)]
+    arch_flags.append("-gencode=arch=compute_90,code=compute_90")
+    return CUDAExtension(
+        "spqr_hf._C_cuda",
+        [*sources, os.path.join(cuda_dir, "ops.cpp")],
+        include_dirs=[os.path.join(_ROOT, "csrc", "include"), os.path.join(_ROOT, "csrc", "cuda")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},
+        optional=True,
+    )
 
 
 def native_extensions() -> tuple[list, dict]:

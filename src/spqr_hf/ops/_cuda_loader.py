@@ -1,0 +1,48 @@
+"""Loads the CUDA kernels (``spqr_hf._C_cuda``) once, quietly, and remembers why they did not load.
+
+Importing ``_C_cuda`` registers a CUDA kernel for the ``spqr_hf::spqr_linear`` operator (the
+schema in :mod:`spqr_hf.ops._schema` is imported first). It is built by setup.py only where a
+CUDA toolkit and a CUDA build of torch were present at install time; elsewhere its absence is
+normal, so nothing is warned: CUDA tensors then take the pure-torch reference path, and
+:func:`load_error` says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from spqr_hf.ops import _schema  # noqa: F401 - the schema must exist before kernels register
+
+_module: ModuleType | None = None
+_load_error: str | None = None
+_attempted = False
+
+
+def load() -> ModuleType | None:
+    """Import ``spqr_hf._C_cuda`` on the first call; later calls are free. Never raises."""
+    global _module, _load_error, _attempted
+    if _attempted:
+        return _module
+    _attempted = True
+    if torch.version.cuda is None:
+        _load_error = "torch is a CPU-only build (torch.version.cuda is None); the CUDA kernels are not built"
+        return None
+    try:
+        _module = importlib.import_module("spqr_hf._C_cuda")
+    except (ImportError, OSError) as error:
+        _load_error = (f"{type(error).__name__}: {error} (reinstall with a CUDA toolkit and a CUDA build "
+                       "of torch present, e.g. pip install -e ., to build them)")
+    return _module
+
+
+def cuda_kernels_available() -> bool:
+    """Whether ``spqr_hf._C_cuda`` is loaded and serves ``spqr_linear`` on CUDA tensors."""
+    return load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_schema.OP_NAME, "CUDA")
+
+
+def load_error() -> str | None:
+    """Why ``spqr_hf._C_cuda`` did not load, or None when it did (or was not tried yet)."""
+    return _load_error

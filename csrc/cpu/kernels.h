@@ -35,8 +35,11 @@ struct LayerView {
   const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
 };
 
-// Per-thread scratch a kernel may use: at least scratch_floats(layer) floats.
-inline int64_t scratch_floats(const LayerView& layer) { return 2 * layer.n_groups * kTileRows + 2 * layer.n_padded; }
+// Per-thread scratch a kernel may use: at least scratch_floats(layer) floats (statistics of a
+// tile, one dense row, two zero-padded copies of packed rows), plus n_vectors * n_groups for matvec.
+inline int64_t scratch_floats(const LayerView& layer) {
+  return 2 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1;
+}
 
 // y[v, i] (fp32, row stride y_stride) = sum_k W_perm[i, k] * xp[v, k] for rows [row_begin, row_end)
 // (a multiple of kTileRows, or m) and v < n_vectors; xp rows have stride n_padded, zero past n.

@@ -24,7 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
-constexpr int64_t kGemmTileBytes = int64_t(1) << 21;  // dequantised tile size (fits L2)
+constexpr int64_t kGemmTileBytes = int64_t(1) << 19;  // dequantised tile size per thread (fits L2)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -171,7 +171,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const float* xp_ptr = xp.data_ptr<float>();
     float* y_ptr = y.data_ptr<float>();
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_size);
+      std::vector<float> scratch(scratch_size + batch * G);
       if (!kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m),
                           scratch.data()))
         ok = false;
@@ -182,27 +182,28 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t element = use_bf16 ? 2 : 4;
     at::Tensor xp = at::zeros({batch, n_padded}, x.options().dtype(gemm_dtype));
     xp.narrow(1, 0, n).copy_(x2.index_select(1, pm.to(at::kLong).bitwise_and(0xFFFF)));
-    const int64_t tile_rows = std::min(round_up(m, kTileRows),
-                                       std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows));
-    at::Tensor w_tile = at::empty({tile_rows, n_padded}, x.options().dtype(gemm_dtype));
+    // One parallel region: each thread dequantises its own rows tile by tile and multiplies them
+    // with a (nested, hence single-threaded) GEMM; no barrier between tiles.
+    const int64_t tile_rows = std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows);
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
-    for (int64_t row0 = 0; row0 < m; row0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, m - row0);
-      at::parallel_for(0, num_groups(rows, kTileRows), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch(scratch_size);
-        const int64_t r0 = row0 + begin * kTileRows, r1 = std::min(row0 + end * kTileRows, row0 + rows);
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(scratch_size);
+      const int64_t row_end = std::min(end * kTileRows, m);
+      at::Tensor w_tile = at::empty({std::min(tile_rows, row_end - begin * kTileRows), n_padded},
+                                    x.options().dtype(gemm_dtype));
+      for (int64_t row0 = begin * kTileRows; row0 < row_end; row0 += tile_rows) {
+        const int64_t rows = std::min(tile_rows, row_end - row0);
         const bool tile_ok =
-            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
-                                                   (r0 - row0) * n_padded,
-                                            n_padded, r0, r1, scratch.data())
-                     : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (r0 - row0) * n_padded, n_padded, r0, r1,
-                                           scratch.data());
-        if (!tile_ok) ok = false;
-      });
-      TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
-                  " (corrupted checkpoint?)");
-      y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));
-    }
+            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()), n_padded,
+                                            row0, row0 + rows, scratch.data())
+                     : kernels.dequant_f32(L, w_tile.data_ptr<float>(), n_padded, row0, row0 + rows, scratch.data());
+        if (!tile_ok) {
+          ok = false;
+          return;
+        }
+        y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));
+      }
+    });
   }
   TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
               " (corrupted checkpoint?)");

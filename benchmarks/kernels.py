@@ -2,7 +2,9 @@
 
 Layers are random but valid packed buffers at the issue's setting (3-bit weights, groups of 16,
 3-bit statistics over 16 rows, ~1% outliers), generated directly with ``pack_bits``. Each cell is
-the median of repeated runs, all measured side by side in this process.
+the median of repeated runs with caches flushed before each (as in a model, where the other
+layers evict a layer's weights), all measured side by side in this process. SpQR runs with
+float32 activations at batch <= 16 and bfloat16 activations above (the prefill setting).
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
 """
@@ -64,10 +66,21 @@ def random_packed(
     )
 
 
-def median_ms(fn, repeats: int) -> float:
+_FLUSH = torch.zeros(96 * 1024 * 1024 // 4)  # larger than the 32 MiB L3 of the benchmark machine
+
+
+def median_ms(fn, repeats: int, cold: bool = True) -> float:
+    """Median wall time of ``fn``; with ``cold``, caches are flushed (untimed) before each call.
+
+    In a model each layer's weights are evicted by the other layers' before they are used again,
+    so a layer whose weights happen to fit in L3 (a 4096x4096 float16 matrix is 32 MiB) must not
+    be timed warm.
+    """
     fn()
     times = []
     for _ in range(repeats):
+        if cold:
+            _FLUSH.add_(1.0)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -78,7 +91,7 @@ def copy_bandwidth_gbs(repeats: int) -> float:
     """Read+write bandwidth of a 256 MiB tensor copy (bytes moved / time)."""
     src = torch.ones(64 * 1024 * 1024)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), max(5, repeats // 2))
+    ms = median_ms(lambda: dst.copy_(src), max(5, repeats // 2), cold=False)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -110,8 +123,8 @@ def main() -> None:
                 dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
             act = torch.bfloat16 if batch > 16 else torch.float32
             x = torch.randn(batch, n).to(act)
-            args = _schema.op_args(packed, None)
-            spqr_ms = median_ms(lambda x=x, args=args: torch.ops.spqr_hf.spqr_linear(x, *args), repeats)
+            packed_args = _schema.op_args(packed, None)
+            spqr_ms = median_ms(lambda x=x, a=packed_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)
             fastest = min(dense_ms.values())
             print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>5} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
                   f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "

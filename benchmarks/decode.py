@@ -1,0 +1,144 @@
+"""Greedy decoding on a TinyLlama-shaped model: SpQR CPU kernels vs dense bfloat16 and float32.
+
+The model is ``transformers.LlamaForCausalLM`` built from a config (hidden 2048, intermediate
+5632, 22 layers, 32 heads / 4 KV heads, vocab 32000) with random weights. For the SpQR run every
+decoder ``nn.Linear`` (154 of them) is replaced by ``SpQRLinear.from_packed`` of random, valid
+packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and ~1% outliers
+(embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model). All three are
+measured in this one process, one after the other.
+
+    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kernels import random_packed
+from spqr_hf.nn.linear import SpQRLinear
+from spqr_hf.ops import _extension
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def tinyllama_config() -> LlamaConfig:
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def weight_mib(model: torch.nn.Module) -> float:
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def to_spqr(model: LlamaForCausalLM) -> None:
+    """Swap every decoder projection for an SpQRLinear (one random packed layer per shape, cloned)."""
+    templates = {}
+    for layer in model.model.layers:
+        for path in PROJECTIONS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, name)
+            shape = (linear.out_features, linear.in_features)
+            if shape not in templates:
+                templates[shape] = random_packed(*shape, seed=len(templates))
+            packed = templates[shape]
+            clone = type(packed)(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in packed.__dict__.items()})
+            setattr(parent, name, SpQRLinear.from_packed(clone))
+    gc.collect()
+
+
+def decode_tokens_per_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / elapsed
+
+
+def build(label: str) -> LlamaForCausalLM:
+    """The model for one run, built directly in its dtype (no dense copy left behind for SpQR)."""
+    config = tinyllama_config()
+    dtype = torch.float32 if label == "dense float32" else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if label != "SpQR 3-bit":
+            return LlamaForCausalLM(config).eval()
+        with torch.device("meta"):  # skeleton only: decoder projections become SpQRLinear below
+            model = LlamaForCausalLM(config)
+        to_spqr(model)
+        for module in model.modules():  # materialise what stays dense: embeddings, norms, lm_head
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.is_meta:
+                    value = torch.ones(param.shape) if "norm" in type(module).__name__.lower() else (
+                        torch.randn(param.shape) * 0.02)
+                    setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+        assert not leftover, leftover
+        return model.eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def run_one(label: str, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 32000, (1, args.prompt_tokens))
+    model = build(label)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    tps = decode_tokens_per_s(model, prompt, args.new_tokens)
+    print(f"RESULT {tps} {weight_mib(model)} {resident_mib()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one model per child process
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _extension.native_available():
+        raise SystemExit(f"spqr_hf._C did not load ({_extension.load_error()}); build it with pip install -e .")
+    if args.only:
+        run_one(args.only, args)
+        return
+    print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  new tokens={args.new_tokens}  "
+          "(each model in its own child process, so RSS is that model's)")
+    print(f"{'model':>16} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
+          f"{'weights vs bf16':>16}")
+    results = {}
+    for label in ("dense float32", "dense bfloat16", "SpQR 3-bit"):
+        command = [sys.executable, __file__, "--only", label, "--new-tokens", str(args.new_tokens),
+                   "--prompt-tokens", str(args.prompt_tokens), "--threads", str(torch.get_num_threads())]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        tps, weights, rss = (float(v) for v in output.split("RESULT ")[-1].split())
+        results[label] = (tps, weights, rss)
+        bf16 = results.get("dense bfloat16")
+        speed = f"{tps / bf16[0]:13.2f}x" if bf16 else f"{'-':>14}"
+        size = f"{weights / bf16[1]:15.2f}x" if bf16 else f"{'-':>16}"
+        print(f"{label:>16} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed} {size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,10 @@ class SpQRConfig(QuantizationConfigMixin):
     token tensors, or a dataset name), ``tokenizer`` (object or name; never serialised),
     ``nsamples``, ``seqlen``, ``seed``, ``modules_to_not_convert``, ``true_sequential``,
     ``block_name_to_quantize``, ``device`` (calibration device; default CUDA if available, else
-    CPU), ``batch_size`` (calibration windows per forward pass; default about 8192 tokens).
+    CPU), ``batch_size`` (calibration windows per forward pass; default about 8192 tokens),
+    ``calibration_dtype`` (dtype of the calibration forward passes: "auto" = bfloat16 on CPUs
+    with native bfloat16 matmuls for float32 models, else the model's dtype; the engine always
+    quantizes the original weights).
 
     Written by quantization, read back on load: ``quantized_layers`` (module name -> number of
     outliers, which sizes that layer's sparse buffers) and ``quantization_summary`` (average
@@ -76,6 +79,7 @@ class SpQRConfig(QuantizationConfigMixin):
         device: str | None = None,
         format_version: int = FORMAT_VERSION,
         batch_size: int | None = None,
+        calibration_dtype: str = "auto",
         quantized_layers: dict[str, int] | None = None,
         quantization_summary: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -119,6 +123,11 @@ class SpQRConfig(QuantizationConfigMixin):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for automatic)")
         self.batch_size = batch_size
+        if calibration_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"calibration_dtype={calibration_dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'"
+            )
+        self.calibration_dtype = calibration_dtype
         self.quantized_layers = _check_layers(quantized_layers)
         self.quantization_summary = quantization_summary
         for key, value in kwargs.items():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from spqr_hf.format.pack import PackedSpQR, pack_bits, pack_bits_transposed
 
 _FP16_MAX = 65504.0
 _MAX_DAMPING_RETRIES = 6
+_MIN_PARALLEL_DIM = 1024  # below this, multi-threaded matmuls cost more in wake-ups than they save
 _SUBBLOCK = 16  # columns per eager rank-1 update region inside a GPTQ block
 
 
@@ -39,6 +41,17 @@ class SpQRResult:
     @property
     def outlier_fraction(self) -> float:
         return self.packed.nnz / max(1, self.packed.in_features * self.packed.out_features)
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (CPU ops only)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _validate_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> None:
@@ -143,6 +156,19 @@ def spqr_quantize_shared(
         _validate_inputs(weight, hessian)
     if len(weights) > 1 and not _can_share_pass(weights, params):
         return [spqr_quantize_shared([w], hessian, params, keep_reconstruction)[0] for w in weights]
+    # Almost everything here is thousands of small tensor ops: run them on one thread (intra-op
+    # thread wake-ups cost more than the ops: 20x on a busy 2-core machine) and give only the
+    # large matmuls (Cholesky, triangular inverse, per-block lazy update) the caller's threads.
+    threads = torch.get_num_threads()
+    with intra_op_threads(1):
+        return _quantize_rows(weights, hessian, params, keep_reconstruction, threads)
+
+
+def _quantize_rows(
+    weights: Sequence[torch.Tensor], hessian: torch.Tensor, params: SpQRParams, keep_reconstruction: bool,
+    threads: int,
+) -> list[SpQRResult]:
+    """The body of :func:`spqr_quantize_shared` (validated inputs, single-threaded context)."""
     device = weights[0].device
     n = hessian.shape[0]
     sizes = [w.shape[0] for w in weights]
@@ -157,7 +183,8 @@ def spqr_quantize_shared(
     wt = torch.cat([w.detach().to(device=device, dtype=torch.float32).t()[perm] for w in weights], dim=1)
     wt[dead[perm]] = 0.0
     reverse = perm.flip(0)
-    u, damp = _inverse_cholesky_upper(h[reverse][:, reverse], params.damp_percent)
+    with intra_op_threads(threads if n >= _MIN_PARALLEL_DIM else 1):
+        u, damp = _inverse_cholesky_upper(h[reverse][:, reverse], params.damp_percent)
     del h
     d = u.diagonal().contiguous()
 
@@ -215,7 +242,9 @@ def spqr_quantize_shared(
             if s1 < b1:
                 wt[s1:b1].addmm_(u[s0:s1, s1:b1].t(), errors[s0 - b0:s1 - b0], alpha=-1.0)
         if b1 < n:
-            wt[b1:].addmm_(u[b0:b1, b1:].t(), errors[:b1 - b0], alpha=-1.0)
+            big = (n - b1) * m >= _MIN_PARALLEL_DIM**2  # the one large matmul per block
+            with intra_op_threads(threads if big else 1):
+                wt[b1:].addmm_(u[b0:b1, b1:].t(), errors[:b1 - b0], alpha=-1.0)
         # GPTQ's proxy loss sum ||(w - q(w)) / d||^2 per row, accumulated without a host sync.
         row_loss += errors[:b1 - b0].square().sum(dim=0)
 

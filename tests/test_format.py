@@ -151,3 +151,14 @@ def test_state_dict_round_trips_through_safetensors(gen, tmp_path):
     fresh.packed.validate()
     assert torch.equal(fresh.dequantize(), module.dequantize())
     assert fresh.storage_bits_per_weight() == module.storage_bits_per_weight()
+
+
+def test_module_dtype_casts_keep_the_packed_format(gen):
+    packed = random_packed(16, 48, gen, outlier_density=0.05)
+    module = SpQRLinear.from_packed(packed, torch.randn(16, generator=gen))
+    before = module.dequantize()
+    module.to(torch.bfloat16)
+    module.half()
+    module.packed.validate()  # float16 meta / deltas and int buffers untouched
+    assert module.bias.dtype == torch.float16
+    assert torch.equal(module.dequantize(), before)

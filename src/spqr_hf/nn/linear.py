@@ -66,6 +66,17 @@ class SpQRLinear(nn.Module):
             module.bias = bias.detach().clone()
         return module
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the packed buffers' dtypes through ``model.to(dtype)`` / ``.half()``: only the
+        device may change for them (their dtypes are part of the format); the bias follows."""
+        packed = {name: getattr(self, name) for name in self.packed.tensors()}
+        super()._apply(fn, recurse)
+        for name, before in packed.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     @property
     def packed(self) -> PackedSpQR:
         """The packed tensors as a :class:`PackedSpQR` view (no copy)."""

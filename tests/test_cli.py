@@ -56,7 +56,7 @@ def test_bad_input_is_a_clean_error_and_writes_nothing(quantized_dir, tmp_path, 
 
 def test_parser_lists_subcommands_and_rejects_bad_options():
     parser = build_parser()
-    assert {"quantize", "generate"} <= set(parser._subparsers._group_actions[0].choices)
+    assert {"quantize", "generate", "eval"} <= set(parser._subparsers._group_actions[0].choices)
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "m", "o", "--dataset", "d", "--outlier-threshold", "-1"])
 
@@ -65,3 +65,23 @@ def test_parser_lists_subcommands_and_rejects_bad_options():
 def test_console_script_is_installed():
     result = subprocess.run(["spqr-hf", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "quantize" in result.stdout and "generate" in result.stdout
+
+
+def test_eval_prints_the_same_perplexity_as_the_library(quantized_dir, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spqr_hf.evaluation import perplexity, tokenize_text
+
+    out, _, source, text = quantized_dir
+    scores = {}
+    for name, folder in (("quantized", out), ("float", source)):
+        assert main(["eval", str(folder), "--text", str(text), "--seqlen", "32", "--windows", "3", "--json"]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert record["windows"] == 3 and record["seqlen"] == 32
+        scores[name] = record["perplexity"]
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = tokenize_text(AutoTokenizer.from_pretrained(str(out)), text.read_text())
+    assert scores["quantized"] == pytest.approx(perplexity(model, ids, 32, 3, progress=False), rel=1e-6)
+    assert 1 < scores["float"] and 1 < scores["quantized"]
+    assert main(["eval", str(out), "--text", str(text.parent / "missing.txt")]) == 2

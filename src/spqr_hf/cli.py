@@ -1,4 +1,4 @@
-"""``spqr-hf`` command line: ``quantize`` a model, ``generate`` with a quantized one.
+"""``spqr-hf`` command line: ``quantize`` a model, ``generate`` with it, ``eval`` its perplexity.
 
 Each subcommand is one ``add_<name>_parser(subparsers)`` function that sets ``handler``;
 adding a subcommand (e.g. ``eval``) means writing one more and listing it in ``SUBCOMMANDS``.
@@ -127,7 +127,49 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable] = [add_quantize_parser, add_generate_parser]
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity of a model (quantized or not) on a text file",
+                              description="exp(mean next-token NLL) over non-overlapping windows of --text.")
+    p.add_argument("model", help="model folder or hub id (an SpQR checkpoint or any causal LM)")
+    p.add_argument("--text", help="UTF-8 text file to score; default: the wiki-smol evaluation articles "
+                                  "(fetched from the package registry once, see spqr_hf.assets)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (each scored independently)")
+    p.add_argument("--windows", type=int, default=16, help="number of windows (0 = all)")
+    p.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spqr_hf.evaluation import perplexity, tokenize_text, wiki_smol_split
+
+    if args.seqlen < 2 or args.windows < 0:
+        raise ValueError("--seqlen must be at least 2 and --windows at least 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.text:
+        with open(args.text, encoding="utf-8") as handle:
+            ids = tokenize_text(tokenizer, handle.read())
+        source = args.text
+    else:
+        ids = wiki_smol_split(tokenizer).evaluation
+        source = "wiki-smol evaluation articles"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype), device_map=device).eval()
+    ppl = perplexity(model, ids, seqlen=args.seqlen, windows=args.windows or None, progress=not args.json)
+    count = min(args.windows or ids.numel() // args.seqlen, ids.numel() // args.seqlen)
+    if args.json:
+        print(json.dumps({"model": args.model, "text": source, "seqlen": args.seqlen, "windows": count,
+                          "perplexity": ppl}))
+    else:
+        print(f"perplexity {ppl:.4f} ({count} windows of {args.seqlen} tokens from {source})")
+    return 0
+
+
+SUBCOMMANDS: list[Callable] = [add_quantize_parser, add_generate_parser, add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

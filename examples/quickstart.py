@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import spqr_hf  # registers SpQR with transformers
+from spqr_hf import assets
 from spqr_hf.evaluation import calibration_windows, perplexity, tokenize_text, wiki_smol_split
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         calibration, evaluation = ids[: 2 * ids.numel() // 3], ids[2 * ids.numel() // 3:]
         nsamples, seqlen, eval_len = 16, 128, 256
     else:
-        model_path = args.model or str(spqr_hf.assets.smollm2_model_dir())
+        model_path = args.model or str(assets.smollm2_model_dir())
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if args.text:
             with open(args.text, encoding="utf-8") as handle:

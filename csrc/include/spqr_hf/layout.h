@@ -49,8 +49,12 @@ SPQR_HD uint32_t read_code(const uint32_t* words, int64_t n_words, int64_t index
 // The single dequantization formula of the format: (code - zero) * step, in float32, in this
 // order (no fused multiply-add: the result must match torch's `(c - z) * s` bit for bit).
 SPQR_HD float affine(float code, float step, float zero) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(__fsub_rn(code, zero), step);  // explicit rounding: never contracted into an FMA
+#else
   const float centered = code - zero;
-  return centered * step;
+  return centered * step;  // host callers adding to this result must not let it fuse (-ffp-contract)
+#endif
 }
 
 // IEEE float16 bit pattern to float32 (normals, subnormals, inf, NaN), without intrinsics.

@@ -9,33 +9,23 @@ normal, so nothing is warned: CUDA tensors then take the pure-torch reference pa
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
-from spqr_hf.ops import _schema  # noqa: F401 - the schema must exist before kernels register
+from spqr_hf.ops import _schema
+from spqr_hf.ops._optional import OptionalExtension
 
-_module: ModuleType | None = None
-_load_error: str | None = None
-_attempted = False
+_CUDA = OptionalExtension(
+    "spqr_hf._C_cuda",
+    unavailable_reason=lambda: None if torch.version.cuda is not None else (
+        "torch is a CPU-only build (torch.version.cuda is None); the CUDA kernels are not built"),
+)
 
 
 def load() -> ModuleType | None:
     """Import ``spqr_hf._C_cuda`` on the first call; later calls are free. Never raises."""
-    global _module, _load_error, _attempted
-    if _attempted:
-        return _module
-    _attempted = True
-    if torch.version.cuda is None:
-        _load_error = "torch is a CPU-only build (torch.version.cuda is None); the CUDA kernels are not built"
-        return None
-    try:
-        _module = importlib.import_module("spqr_hf._C_cuda")
-    except (ImportError, OSError) as error:
-        _load_error = (f"{type(error).__name__}: {error} (reinstall with a CUDA toolkit and a CUDA build "
-                       "of torch present, e.g. pip install -e ., to build them)")
-    return _module
+    return _CUDA.load()
 
 
 def cuda_kernels_available() -> bool:
@@ -45,4 +35,4 @@ def cuda_kernels_available() -> bool:
 
 def load_error() -> str | None:
     """Why ``spqr_hf._C_cuda`` did not load, or None when it did (or was not tried yet)."""
-    return _load_error
+    return _CUDA.load_error()

@@ -8,36 +8,20 @@ pure-torch default implementation runs instead, after one warning.
 
 from __future__ import annotations
 
-import importlib
-import os
-import warnings
 from types import ModuleType
 
-from spqr_hf.ops import _schema  # noqa: F401 - the schema must exist before kernels register
+from spqr_hf.ops._optional import OptionalExtension
 
-_module: ModuleType | None = None
-_load_error: str | None = None
-_attempted = False
+_CPU = OptionalExtension(
+    "spqr_hf._C",
+    warn_hint="spqr_hf: native CPU kernels are not available, using the slower pure-torch path; reinstall "
+              "with a C++ compiler present (pip install -e .) to build them",
+)
 
 
 def load() -> ModuleType | None:
     """Import ``spqr_hf._C`` on the first call (warning once if it cannot); later calls are free."""
-    global _module, _load_error, _attempted
-    if _attempted:
-        return _module
-    _attempted = True
-    try:
-        _module = importlib.import_module("spqr_hf._C")
-    except (ImportError, OSError) as error:
-        _load_error = f"{type(error).__name__}: {error}"
-        if os.environ.get("SPQR_HF_BACKEND", "").lower() != "torch":
-            warnings.warn(
-                "spqr_hf: native CPU kernels are not available, using the slower pure-torch path "
-                f"({_load_error}). Reinstall with a C++ compiler present (pip install -e .) to build them.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _module
+    return _CPU.load()
 
 
 def native_available() -> bool:
@@ -47,7 +31,7 @@ def native_available() -> bool:
 
 def load_error() -> str | None:
     """Why ``spqr_hf._C`` did not load, or None when it did (or was not tried yet)."""
-    return _load_error
+    return _CPU.load_error()
 
 
 def cpu_isa() -> str | None:

@@ -148,3 +148,22 @@ def test_bfloat16_calibration_passes_stay_close_to_float32(tok):
     assert all(bool(torch.isfinite(h).all()) for h in hessians["bfloat16"])
     with pytest.raises(ValueError, match="calibration_dtype"):
         _config(calibration_dtype="int8")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_replaying_finished_children_changes_nothing(tok, arch, monkeypatch):
+    """Outputs of block children whose linears are final are replayed in later passes; the
+    quantized model must be bit-identical to one calibrated without that shortcut."""
+    from spqr_hf.calibrate import sequential
+
+    windows = get_calibration_data(TEXT, tok, nsamples=6, seqlen=32)
+    packed = {}
+    for replay in (True, False):
+        monkeypatch.setattr(sequential, "CACHE_FROZEN_CHILDREN", replay)
+        model = tiny_model(arch, seed=3)
+        quantize_model(model, _config(calibration_dtype="float32"), windows, batch_size=2, progress=False)
+        packed[replay] = {name: module.packed.tensors() for name, module in model.named_modules()
+                          if isinstance(module, SpQRLinear)}
+    assert packed[True].keys() == packed[False].keys() and len(packed[True]) >= 8
+    for name, tensors in packed[True].items():
+        assert all(torch.equal(t, packed[False][name][k]) for k, t in tensors.items()), name

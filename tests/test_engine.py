@@ -209,3 +209,7 @@ def test_shared_hessian_pass_matches_separate_layers(gen):
     # Layers whose rows do not fill whole second-level chunks fall back to separate passes.
     odd = spqr_quantize_shared([weights[0][:40], weights[1]], hessian, params)
     assert [r.packed.out_features for r in odd] == [40, 16]
+    small = spqr_quantize_shared([weights[1][:8], weights[1][8:]], hessian, params, keep_reconstruction=True)
+    for result in small:  # fewer rows than one chunk: separate passes, each its own chunk
+        assert result.packed.qq_groupsize == 8
+        assert torch.equal(dequantize(result.packed), result.reconstruction)

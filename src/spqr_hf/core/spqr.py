@@ -134,7 +134,7 @@ def _can_share_pass(weights: Sequence[torch.Tensor], params: SpQRParams) -> bool
     """Rows of several layers can share one pass when no second-level chunk straddles two layers."""
     if params.qq_groupsize == WHOLE_ROW:
         return False
-    return all(w.shape[0] % params.effective_qq_groupsize(w.shape[0]) == 0 for w in weights)
+    return all(w.shape[0] % params.qq_groupsize == 0 for w in weights)
 
 
 def spqr_quantize_shared(

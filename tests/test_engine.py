@@ -213,3 +213,20 @@ def test_shared_hessian_pass_matches_separate_layers(gen):
     for result in small:  # fewer rows than one chunk: separate passes, each its own chunk
         assert result.packed.qq_groupsize == 8
         assert torch.equal(dequantize(result.packed), result.reconstruction)
+
+
+@pytest.mark.parametrize("stat_bits", [3, 16])
+def test_nearly_flat_groups_far_from_zero_stay_finite(gen, stat_bits):
+    """A group whose weights are equal up to rounding noise used to get a ~0 scale and a zero
+    point beyond float16 (NaN weights, or a packing error)."""
+    weight = torch.randn(64, 64, generator=gen) * 0.02
+    weight[5, :8] = 0.5
+    weight[5, 3] = 0.5 + 1e-7
+    weight[9, 8:16] = -0.25
+    weight[9, 10] = -0.25 - 3e-8
+    params = SpQRParams(bits=3, groupsize=8, qq_groupsize=64 if stat_bits == 3 else 16,
+                        qq_scale_bits=stat_bits, qq_zero_bits=stat_bits)
+    result = spqr_quantize(weight, torch.eye(64) + 0.01, params, keep_reconstruction=True)
+    assert bool(torch.isfinite(result.reconstruction).all())
+    assert torch.equal(dequantize(result.packed), result.reconstruction)
+    assert float((result.reconstruction[5, :8] - 0.5).abs().max()) < 1e-3

@@ -12,6 +12,7 @@ from spqr_hf.format.layout import RAW_STAT_BITS, affine
 # lose the statistic's magnitude when a chunk's values are nearly equal.
 _MAX_RELATIVE_ZERO = 1024.0
 _MIN_STEP = 2.0**-24  # smallest positive float16
+_MAX_STEP = 2.0**15  # well inside float16 (65504)
 
 
 @dataclass
@@ -32,6 +33,8 @@ def quantize_statistic(values: torch.Tensor, bits: int, qq_groupsize: int) -> Qu
     if bits == RAW_STAT_BITS:
         half = values.to(torch.float16)
         return QuantizedStatistic(half.view(torch.int16).to(torch.int64) & 0xFFFF, None, half.to(torch.float32))
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("non-finite group statistic: the weights or the Hessian produced NaN/inf during quantization")
     m = values.shape[0]
     n_chunks = (m + qq_groupsize - 1) // qq_groupsize
     padded = torch.cat([values, values[-1:].expand(n_chunks * qq_groupsize - m)])  # edge value: same min/max
@@ -39,7 +42,7 @@ def quantize_statistic(values: torch.Tensor, bits: int, qq_groupsize: int) -> Qu
     lo, hi = chunks.amin(dim=1), chunks.amax(dim=1)
     maxq = (1 << bits) - 1
     absmax = torch.maximum(lo.abs(), hi.abs())
-    step = torch.maximum((hi - lo) / maxq, absmax / _MAX_RELATIVE_ZERO).clamp_min(_MIN_STEP)
+    step = torch.maximum((hi - lo) / maxq, absmax / _MAX_RELATIVE_ZERO).clamp(_MIN_STEP, _MAX_STEP)
     step16 = step.to(torch.float16)
     zero16 = (-lo / step16.to(torch.float32)).to(torch.float16)
     meta = torch.stack([step16, zero16], dim=1)

@@ -93,7 +93,8 @@ def run_row(name: str, quick: bool) -> dict:
     return row
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], quick: bool = False) -> str:
+    """The results table; the reference code's figures only apply to the full protocol."""
     base = next((r["perplexity"] for r in rows if r["row"] == "baseline"), None)
     lines = [
         "| setting | perplexity | change vs baseline | avg bits (formula) | avg bits (stored) | outliers "
@@ -102,7 +103,7 @@ def markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         change = f"{r['perplexity'] - base:+.2f}" if base is not None else "-"
-        ref = REFERENCE.get(r["row"])
+        ref = None if quick else REFERENCE.get(r["row"])
         lines.append(
             f"| {r['row']} | {r['perplexity']:.2f} | {change} | {r.get('formula_bits', 16):.3f} "
             f"| {r.get('stored_bits', 16):.3f} | {r.get('outlier_fraction', 0):.2%} "
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 blocks, 16x256 calibration, 4x512 eval")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "quality")
+    parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                        help="only render the table/plot from saved row files (later files override rows)")
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # internal: one row, JSON out
     args = parser.parse_args()
     if args.row:
@@ -148,14 +151,17 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.rows:
+    if args.render:
+        merged = {r["row"]: r for path in args.render for r in json.loads(path.read_text(encoding="utf-8"))}
+        rows = [merged[name] for name in ROWS if name in merged]
+    for name in [] if args.render else args.rows:
         cmd = [sys.executable, __file__, "--row", name] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"row {name} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows)
+    table = markdown(rows, args.quick)
     suffix = "-quick" if args.quick else ""
     (args.out / f"quality{suffix}.md").write_text(table + "\n", encoding="utf-8")
     (args.out / f"quality{suffix}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")

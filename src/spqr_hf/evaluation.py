@@ -9,10 +9,13 @@ NLL) over the first 16 non-overlapping 2048-token windows, float32, each window 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,16 +38,37 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def wiki_smol_split(tokenizer, articles: list[tuple[str, str]] | None = None) -> TokenizedSplit:
-    """The protocol's calibration / evaluation token streams (articles fetched if not given)."""
-    if articles is None:
-        from spqr_hf.assets import wikipedia_articles
+    """The protocol's calibration / evaluation token streams (articles fetched if not given).
 
+    With the default articles the token ids are cached per tokenizer (tokenizing 670k tokens at
+    once briefly takes ~300 MB, which would otherwise count in every run's peak memory).
+    """
+    cached = None
+    if articles is None:
+        from spqr_hf.assets import cache_dir, wikipedia_articles
+
+        cached = cache_dir() / f"wiki-smol-{_tokenizer_digest(tokenizer)}.safetensors"
+        if cached.exists():
+            tensors = safetensors.torch.load_file(str(cached))
+            return TokenizedSplit(tensors["calibration"], tensors["evaluation"])
         articles = wikipedia_articles()
     if len(articles) <= CALIBRATION_ARTICLES:
         raise ValueError(f"wiki-smol needs more than {CALIBRATION_ARTICLES} articles, got {len(articles)}")
     calibration = "\n".join(text for _, text in articles[:CALIBRATION_ARTICLES])
     evaluation = "\n".join(text for _, text in articles[CALIBRATION_ARTICLES:])
-    return TokenizedSplit(tokenize_text(tokenizer, calibration), tokenize_text(tokenizer, evaluation))
+    split = TokenizedSplit(tokenize_text(tokenizer, calibration), tokenize_text(tokenizer, evaluation))
+    if cached is not None:
+        partial = cached.with_suffix(".partial")
+        safetensors.torch.save_file({"calibration": split.calibration, "evaluation": split.evaluation}, str(partial))
+        os.replace(partial, cached)
+    return split
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """Identifies a tokenizer by its full definition (vocabulary, merges, normalisation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(definition.encode("utf-8")).hexdigest()[:16]
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:

@@ -6,8 +6,11 @@ import without gptqmodel. ``Conv1D`` (GPT-2) stores its weight transposed, ``[in
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import torch
-from optimum.gptq.constants import BLOCK_PATTERNS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,9 +23,29 @@ class NoDecoderBlocksError(ValueError):
     """The model has no list of decoder blocks that calibration could walk through."""
 
 
+@functools.cache
+def _block_patterns() -> list[str]:
+    """optimum's list of known block paths (``optimum/gptq/constants.py``).
+
+    That file is executed on its own: importing it as ``optimum.gptq.constants`` runs
+    ``optimum/gptq/__init__.py``, which pulls in optimum's quantizer, datasets and pandas
+    (seconds and ~150 MB) that neither ``import spqr_hf`` nor calibration needs.
+    """
+    spec = importlib.util.find_spec("optimum")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "gptq" / "constants.py"
+        if path.is_file():
+            namespace: dict = {}
+            exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)  # plain list literals
+            return list(namespace["BLOCK_PATTERNS"])
+    from optimum.gptq.constants import BLOCK_PATTERNS  # unusual install layout: pay the import
+
+    return list(BLOCK_PATTERNS)
+
+
 def find_block_list(model: nn.Module, block_name: str | None = None) -> tuple[str, nn.ModuleList]:
     """``(name, ModuleList)`` of the decoder blocks: ``block_name`` if given, else the first known pattern."""
-    candidates = [block_name] if block_name else list(BLOCK_PATTERNS)
+    candidates = [block_name] if block_name else _block_patterns()
     for name in candidates:
         try:
             module = model.get_submodule(name)
@@ -37,7 +60,7 @@ def find_block_list(model: nn.Module, block_name: str | None = None) -> tuple[st
         )
     raise NoDecoderBlocksError(
         f"{type(model).__name__} has no list of decoder blocks at any of the known paths "
-        f"({', '.join(BLOCK_PATTERNS)}); pass SpQRConfig(block_name_to_quantize='path.to.blocks') "
+        f"({', '.join(_block_patterns())}); pass SpQRConfig(block_name_to_quantize='path.to.blocks') "
         "if the model has one under another name"
     )
 

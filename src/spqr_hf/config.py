@@ -33,6 +33,15 @@ def _check_layers(layers: Any) -> dict[str, int] | None:
     return dict(layers)
 
 
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_calibration_dtype(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of :data:`CALIBRATION_DTYPES`."""
+    if name not in CALIBRATION_DTYPES:
+        raise ValueError(f"calibration_dtype={name!r}: use one of {', '.join(map(repr, CALIBRATION_DTYPES))}")
+
+
 class SpQRConfig(QuantizationConfigMixin):
     """SpQR quantization settings for ``from_pretrained(..., quantization_config=...)``.
 
@@ -123,10 +132,7 @@ class SpQRConfig(QuantizationConfigMixin):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for automatic)")
         self.batch_size = batch_size
-        if calibration_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"calibration_dtype={calibration_dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'"
-            )
+        check_calibration_dtype(calibration_dtype)
         self.calibration_dtype = calibration_dtype
         self.quantized_layers = _check_layers(quantized_layers)
         self.quantization_summary = quantization_summary

@@ -35,6 +35,7 @@ from spqr_hf.calibrate.blocks import (
     set_weight_matrix,
     weight_matrix,
 )
+from spqr_hf.config import check_calibration_dtype
 from spqr_hf.core.hessian import HessianAccumulator
 from spqr_hf.core.params import SpQRParams
 from spqr_hf.core.spqr import SpQRResult, spqr_quantize, spqr_quantize_shared
@@ -118,15 +119,14 @@ def calibration_device(requested: str | torch.device | None) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _move(value: Any, device: torch.device) -> Any:
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor inside nested tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
 
 
@@ -373,11 +373,9 @@ def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torc
 def calibration_dtype(requested: str | None, model: nn.Module, device: torch.device) -> torch.dtype:
     """Dtype of the calibration forward passes: ``requested``, or "auto" = bfloat16 for float32 and
     float16 models on a CPU with native bfloat16 matmuls, else the model's own dtype."""
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if requested not in (None, "auto"):
-        if requested not in named:
-            raise ValueError(f"calibration_dtype={requested!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
-        return named[requested]
+        check_calibration_dtype(requested)
+        return getattr(torch, requested)
     model_dtype = next(model.parameters()).dtype
     if device.type == "cpu" and model_dtype in (torch.float32, torch.float16) and _cpu_has_fast_bf16():
         return torch.bfloat16  # CPU float16 matmuls are ~10x slower than bfloat16 ones
@@ -406,13 +404,7 @@ def _block_dtype(block: nn.Module) -> torch.dtype:
 def _cast_call(call: _BlockCall, dtype: torch.dtype) -> _BlockCall:
     """The block call with its floating tensors (rotary tables, float masks) in ``dtype``."""
     def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(dtype) if value.is_floating_point() else value
-        if isinstance(value, (tuple, list)):
-            return type(value)(cast(v) for v in value)
-        if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
-        return value
+        return _map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     cache: dict[int, dict[str, Any]] = {}
     kwargs = [cache.setdefault(id(kw), cast(kw)) for kw in call.kwargs]  # keep shared dicts shared

@@ -21,17 +21,30 @@ TORCH_REQUIREMENT = "torch>=2.13,<2.14"
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _CPU_FLAGS = ["-O3", "-fno-math-errno"]  # never -march=native: wheels must run anywhere
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],
-    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                                   "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx512.cpp": [*_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx512bf16.cpp": [*_AVX512_FLAGS, "-mavx512bf16", "-mavx512vbmi", "-Wno-maybe-uninitialized"],
 }
 
 
 def _have_cxx_compiler() -> bool:
     compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     return shutil.which(compiler.split()[0]) is not None
+
+
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch's ATen runs on OpenMP (Linux builds of torch): without it the
+    inline at::parallel_for of ops.cpp compiles to a serial loop and every kernel runs on one thread."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if platform.system() != "Linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
 
 
 def _cpu_extension():
@@ -56,7 +69,8 @@ def _cpu_extension():
         ["csrc/cpu/ops.cpp", "csrc/cpu/cpu_features.cpp", "csrc/cpu/module.cpp", "csrc/cpu/kernels_scalar.cpp"],
         include_dirs=[os.path.join(_ROOT, "csrc", "include"), os.path.join(_ROOT, "csrc", "cpu")],
         define_macros=[("SPQR_HF_X86_KERNELS", None)] if x86 else [],
-        extra_compile_args={"cxx": list(_CPU_FLAGS)},
+        extra_compile_args={"cxx": _CPU_FLAGS + _openmp_flags()},
+        extra_link_args=_openmp_flags(),
         optional=True,
     )
     extension.isa_sources = dict(_CPU_ISA_SOURCES) if x86 else {}

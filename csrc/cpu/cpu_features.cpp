@@ -21,6 +21,9 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+bool has_avx512bf16() {
+  return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+}
 bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -31,6 +34,7 @@ bool always() { return true; }
 const std::vector<Candidate>& candidates() {  // best first
   static const std::vector<Candidate> all = {
 #if defined(SPQR_HF_X86_KERNELS)
+      {"avx512bf16", &kAvx512Bf16Kernels, &has_avx512bf16},
       {"avx512", &kAvx512Kernels, &has_avx512},
       {"avx2", &kAvx2Kernels, &has_avx2},
 #endif
@@ -59,7 +63,7 @@ const KernelTable* select_kernels(std::string* error) {
       return nullptr;
     }
   }
-  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512 (or its kernels were not built for this platform)";
+  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512, avx512bf16 (or its kernels were not built for this platform)";
   return nullptr;
 }
 

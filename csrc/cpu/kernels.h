@@ -35,10 +35,12 @@ struct LayerView {
   const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
 };
 
-// Per-thread scratch a kernel may use: at least scratch_floats(layer) floats (statistics of a
-// tile, one dense row, two zero-padded copies of packed rows), plus n_vectors * n_groups for matvec.
-inline int64_t scratch_floats(const LayerView& layer) {
-  return 2 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1;
+// Per-thread scratch a kernel may use: at least scratch_floats(layer, n_vectors) floats (statistics
+// of a tile, one dense row, two zero-padded copies of packed rows, and per activation vector its
+// group sums, a bfloat16 hi/lo copy and a tile of dot products and zero-point terms).
+inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
+  return 2 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
+         n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
 }
 
 // y[v, i] (fp32, row stride y_stride) = sum_k W_perm[i, k] * xp[v, k] for rows [row_begin, row_end)
@@ -65,6 +67,7 @@ struct KernelTable {
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512Bf16Kernels;
 
 }  // namespace cpu
 }  // namespace spqr_hf

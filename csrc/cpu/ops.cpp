@@ -162,7 +162,6 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (batch == 0) return at::empty(out_shape, x.options());
 
   const int64_t n_tiles = num_groups(m, kTileRows);
-  const int64_t scratch_size = scratch_floats(L);
   std::atomic<bool> ok{true};
   at::Tensor y;  // [batch, m]
   if (batch <= kMatvecMaxBatch) {
@@ -171,7 +170,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const float* xp_ptr = xp.data_ptr<float>();
     float* y_ptr = y.data_ptr<float>();
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_size + batch * G);
+      std::vector<float> scratch(scratch_floats(L, batch));
       if (!kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m),
                           scratch.data()))
         ok = false;
@@ -187,7 +186,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t tile_rows = std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows);
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_size);
+      std::vector<float> scratch(scratch_floats(L, 0));
       const int64_t row_end = std::min(end * kTileRows, m);
       at::Tensor w_tile = at::empty({std::min(tile_rows, row_end - begin * kTileRows), n_padded},
                                     x.options().dtype(gemm_dtype));

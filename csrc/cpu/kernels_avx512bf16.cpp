@@ -1,0 +1,354 @@
+// AVX-512 kernels with bfloat16 dot products (AVX512_BF16) and bit-field extraction (AVX512_VBMI):
+// AMD Zen 4 and later, Intel Sapphire Rapids and later. Built with the "avx512" flags plus
+// -mavx512bf16 -mavx512vbmi (setup.py); only called after the runtime CPUID check.
+//
+// Why a separate path: the generic matvec converts every code to float32 on its own (about six
+// vector instructions per 16 weights) and ends up bound by instruction throughput, far from the
+// memory bandwidth a 3-bit layer needs. Here, for bits <= 4 and groups that are whole 16-column
+// blocks (or one group per row), which covers every configuration the paper recommends:
+//   * codes: one 64-bit load per 16 codes of a row, two rows per 512-bit register; VPMULTISHIFTQB
+//     moves each code to the top of a 16-bit word's bfloat16 mantissa and one VPTERNLOGD makes it
+//     the exact bfloat16 1 + c / 2^bits (the 1 is taken back out through the group sums of x).
+//   * activations: split once per call into bfloat16 hi + lo parts, x = hi + lo + O(2^-17 |x|);
+//     lo is zero (and skipped) for bfloat16 activations.
+//   * VDPBF16PS multiplies 32 codes by 32 activations and adds pairs in float32 (products of two
+//     bfloat16 are exact in float32); the scale is applied once per group and row, the zero point
+//     through the group sums of x, as in the generic kernel:
+//         y_i = sum_j 2^bits s_ij (sum_{k in group j} (1 + c_ik / 2^bits) x_k)
+//               - sum_j s_ij (z_ij + 2^bits) X_j + outliers_i.
+// Batched prefill (dequantise + GEMM) and every other layer use the same code as "avx512".
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace spqr_hf {
+namespace cpu {
+namespace isa_avx512bf16 {
+
+#include "spqr_hf/layout.h"
+
+#include "avx512_vector.h"
+#include "kernel_body.inc"
+
+namespace bf16 {
+
+using detail::min64;
+
+constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
+
+// Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
+inline bool covers(const LayerView& L) {
+  return L.bits <= 4 && (L.n_groups == 1 || L.groupsize % kBlockCols == 0);
+}
+
+// A 512-bit register holds 16 codes of two rows a and b: qword q takes row (q % 2)'s 64-bit load
+// and yields its codes 4 * (q / 2) + i, i < 4, in 16-bit words 4q + i. VDPBF16PS lane l sums words
+// 2l and 2l + 1, so lanes {0, 1, 4, 5, 8, 9, 12, 13} belong to row a and the others to row b, and a
+// per-row scale is one 128-bit broadcast of (s_a, s_a, s_b, s_b).
+constexpr __mmask16 kRowALanes = 0x3333, kRowBLanes = 0xCCCC;
+constexpr __mmask8 kRowBQwords = 0xAA;
+
+// Word w of a register <- activation (or code) 4 * (w / 8) + w % 4 of the block (see above).
+inline int block_position(int w) { return 4 * (w / 8) + w % 4; }
+
+// A code c becomes the bfloat16 1 + c / 2^bits: its bits are placed at the top of the mantissa
+// under the exponent of 1.0 (VPMULTISHIFTQB brings them there, one VPTERNLOGD masks the
+// neighbouring codes and sets the exponent). Exact, and a dot product of these values with x is
+// X + (sum_k c_k x_k) / 2^bits, with X the sum of x over the block.
+struct Tables {
+  __m512i extract;  // VPMULTISHIFTQB control: code block_position(w) at bits [7 - bits, 7) of word w
+  __m512i mantissa;  // the code's bits within each word
+  __m512i one;  // bfloat16 1.0 in each word
+};
+
+inline Tables make_tables(int bits) {
+  alignas(64) uint8_t extract[64];
+  for (int w = 0; w < 32; ++w) {
+    const int first = block_position(w) * bits - (7 - bits);  // may wrap around the qword: masked anyway
+    extract[2 * w] = extract[2 * w + 1] = static_cast<uint8_t>(first & 63);
+  }
+  return {_mm512_load_si512(extract), _mm512_set1_epi16(static_cast<int16_t>(((1 << bits) - 1) << (7 - bits))),
+          _mm512_set1_epi16(0x3F80)};
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+inline __m256i as_i(__m256bh v) { return reinterpret_cast<__m256i&>(v); }
+
+inline __m512 bf16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// hi/lo[(v * n_blocks + b) * 32 + w] = activation block_position(w) of block b of vector v, as
+// bfloat16 hi and lo parts, and sums[v * G + j] = X_vj, the float32 sum of hi + lo over group j
+// (of the split values, so that the 1 in each code's 1 + c / 2^bits cancels to float32 rounding).
+// Returns whether any lo part is non-zero.
+inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vectors, uint16_t* hi, uint16_t* lo,
+                              float* sums) {
+  const int64_t n_blocks = L.n_padded / kBlockCols;
+  const int64_t blocks_per_group = L.n_groups == 1 ? n_blocks : L.groupsize / kBlockCols;
+  alignas(64) uint16_t order[32];
+  for (int w = 0; w < 32; ++w) order[w] = static_cast<uint16_t>(block_position(w));
+  const __m512i arrange = _mm512_load_si512(order);
+  __mmask16 any_lo = 0;
+  for (int64_t v = 0; v < n_vectors; ++v) {
+    for (int64_t j = 0; j < L.n_groups; ++j) sums[v * L.n_groups + j] = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const __m512 x = _mm512_loadu_ps(xp + v * L.n_padded + b * kBlockCols);
+      const __m256i h = as_i(_mm512_cvtneps_pbh(x));
+      const __m512 rest = _mm512_sub_ps(x, bf16_to_float(h));
+      const __m256i l = as_i(_mm512_cvtneps_pbh(rest));
+      any_lo |= _mm512_cmpneq_ps_mask(rest, _mm512_setzero_ps());
+      sums[v * L.n_groups + b / blocks_per_group] += _mm512_reduce_add_ps(_mm512_add_ps(bf16_to_float(h), bf16_to_float(l)));
+      const int64_t at = (v * n_blocks + b) * 32;
+      _mm512_storeu_si512(hi + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(h)));
+      _mm512_storeu_si512(lo + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(l)));
+    }
+  }
+  return any_lo != 0;
+}
+
+// Codes of one 16-column block of rows a and b as 32 bfloat16 values, in the register order above.
+inline __m512bh block_codes(const Tables& t, const uint8_t* a, const uint8_t* b) {
+  int64_t wa, wb;
+  memcpy(&wa, a, sizeof(wa));
+  memcpy(&wb, b, sizeof(wb));
+  const __m512i both = _mm512_mask_set1_epi64(_mm512_set1_epi64(wa), kRowBQwords, wb);
+  const __m512i words = _mm512_multishift_epi64_epi8(t.extract, both);
+  return as_bh(_mm512_ternarylogic_epi32(words, t.mantissa, t.one, 0xEA));  // (words & mantissa) | one
+}
+
+inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
+
+// Sum over the blocks [b0, b1) of one group of codes * activations, for NV vectors. VDPBF16PS has
+// a latency of several cycles, so the blocks feed four independent chains (for one vector; two
+// for several), with the lo products on chains of their own.
+template <int NV, bool LO>
+inline void group_dots(const Tables& t, const uint8_t* a, const uint8_t* b, int64_t block_bytes, int64_t b0,
+                       int64_t b1, const uint16_t* hi, const uint16_t* lo, int64_t vec_stride, __m512 (&dp)[NV]) {
+  constexpr int kChains = NV == 1 ? 4 : 2;
+  constexpr int kUnroll = LO ? kChains / 2 : kChains;  // blocks per iteration
+  __m512 ch[kChains][NV];
+  for (int c = 0; c < kChains; ++c)
+    for (int v = 0; v < NV; ++v) ch[c][v] = _mm512_setzero_ps();
+  int64_t k = b0;
+  for (; k + kUnroll <= b1; k += kUnroll)
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512bh codes = block_codes(t, a + (k + u) * block_bytes, b + (k + u) * block_bytes);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t at = v * vec_stride + (k + u) * 32;
+        __m512& hi_chain = ch[LO ? 2 * u : u][v];
+        hi_chain = _mm512_dpbf16_ps(hi_chain, codes, load_bh(hi + at));
+        if (LO) ch[2 * u + 1][v] = _mm512_dpbf16_ps(ch[2 * u + 1][v], codes, load_bh(lo + at));
+      }
+    }
+  for (; k < b1; ++k) {
+    const __m512bh codes = block_codes(t, a + k * block_bytes, b + k * block_bytes);
+    for (int v = 0; v < NV; ++v) {
+      ch[0][v] = _mm512_dpbf16_ps(ch[0][v], codes, load_bh(hi + v * vec_stride + k * 32));
+      if (LO) ch[1][v] = _mm512_dpbf16_ps(ch[1][v], codes, load_bh(lo + v * vec_stride + k * 32));
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    dp[v] = ch[0][v];
+    for (int c = 1; c < kChains; ++c) dp[v] = _mm512_add_ps(dp[v], ch[c][v]);
+  }
+}
+
+// One 16-column group: dp = codes * activations of the block's two rows (no inner loop).
+template <int NV, bool LO>
+inline void block_dots(const Tables& t, const uint8_t* a, const uint8_t* b, const uint16_t* hi, const uint16_t* lo,
+                       int64_t vec_stride, __m512 (&dp)[NV]) {
+  const __m512bh c = block_codes(t, a, b);
+  for (int v = 0; v < NV; ++v) {
+    dp[v] = _mm512_dpbf16_ps(_mm512_setzero_ps(), c, load_bh(hi + v * vec_stride));
+    if (LO) dp[v] = _mm512_add_ps(dp[v], _mm512_dpbf16_ps(_mm512_setzero_ps(), c, load_bh(lo + v * vec_stride)));
+  }
+}
+
+// acc += dp * (the scales of rows a and b in their lanes); s = (s_a, s_a, s_b, s_b).
+template <int NV>
+inline void add_scaled(const float* s, const __m512 (&dp)[NV], __m512 (&acc)[NV]) {
+  const __m512 s_pair = _mm512_broadcast_f32x4(_mm_loadu_ps(s));
+  for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(dp[v], s_pair, acc[v]);
+}
+
+// dots[v * 16 + lane (+1)] = sum_j s_ij * (sum_{k in group j} c_ik x_vk) for the rows in lanes
+// `lane` and `lane + 1` of the tile, whose packed codes start at a and b. Two accumulator chains
+// (even and odd groups) hide the FMA latency.
+template <int NV, bool LO>
+inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, const uint8_t* b, const uint16_t* hi,
+                         const uint16_t* lo, const float* scales, int lane, float* dots) {
+  const int64_t n_blocks = L.n_padded / kBlockCols, G = L.n_groups;
+  const int64_t block_bytes = 2 * L.bits;  // 16 codes
+  const int64_t vec_stride = n_blocks * 32;
+  const float* s = scales + 2 * lane;  // pair lane / 2 of each group's 32 expanded scales
+  __m512 acc0[NV], acc1[NV], dp[NV];
+  for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+  if (L.groupsize == kBlockCols && G == n_blocks) {  // groups of 16: one block per group
+    int64_t j = 0;
+    for (; j + 2 <= G; j += 2) {
+      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
+      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc0);
+      block_dots<NV, LO>(t, a + (j + 1) * block_bytes, b + (j + 1) * block_bytes, hi + (j + 1) * 32, lo + (j + 1) * 32,
+                         vec_stride, dp);
+      add_scaled<NV>(s + (j + 1) * 2 * kTileRows, dp, acc1);
+    }
+    if (j < G) {
+      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
+      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc0);
+    }
+  } else {
+    const int64_t per_group = G == 1 ? n_blocks : L.groupsize / kBlockCols;
+    for (int64_t j = 0; j < G; ++j) {
+      group_dots<NV, LO>(t, a, b, block_bytes, j * per_group, min64((j + 1) * per_group, n_blocks), hi, lo,
+                         vec_stride, dp);
+      add_scaled<NV>(s + j * 2 * kTileRows, dp, j % 2 ? acc1 : acc0);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 sum = _mm512_add_ps(acc0[v], acc1[v]);
+    dots[v * kTileRows + lane] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowALanes, sum));
+    dots[v * kTileRows + lane + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowBLanes, sum));
+  }
+}
+
+template <int NV, bool LO>
+inline void dot_tile(const LayerView& L, const Tables& t, int64_t row0, int64_t tile_end, const uint16_t* hi,
+                     const uint16_t* lo, const float* scales, uint8_t* row_copy, float* dots) {
+  for (int64_t row = row0; row < tile_end; row += 2) {
+    const uint8_t* base[2];
+    detail::row_bases<2>(L, row, row_copy, base);  // a lone last row pairs with zero-padded codes
+    dot_row_pair<NV, LO>(L, t, base[0], base[1], hi, lo, scales, static_cast<int>(row - row0), dots);
+  }
+}
+
+template <bool LO>
+inline void dot_tile_vectors(const LayerView& L, const Tables& t, int64_t n_vectors, int64_t row0, int64_t tile_end,
+                             const uint16_t* hi, const uint16_t* lo, const float* scales, uint8_t* row_copy,
+                             float* dots) {
+  const int64_t stride = (L.n_padded / kBlockCols) * 32;  // one vector's bfloat16 copy
+  for (int64_t v0 = 0; v0 < n_vectors; v0 += kMaxVectors) {
+    const uint16_t* h = hi + v0 * stride;
+    const uint16_t* l = lo + v0 * stride;
+    float* d = dots + v0 * kTileRows;
+    switch (min64(n_vectors - v0, kMaxVectors)) {
+      case 1: dot_tile<1, LO>(L, t, row0, tile_end, h, l, scales, row_copy, d); break;
+      case 2: dot_tile<2, LO>(L, t, row0, tile_end, h, l, scales, row_copy, d); break;
+      case 3: dot_tile<3, LO>(L, t, row0, tile_end, h, l, scales, row_copy, d); break;
+      default: dot_tile<4, LO>(L, t, row0, tile_end, h, l, scales, row_copy, d); break;
+    }
+  }
+}
+
+// One first-level statistic stream (scales or zero points) of the layer.
+struct StatStream {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const uint16_t* meta;
+  int bits;
+  CodeCtl ctl;
+};
+
+// The statistics of the tile's 16 rows (lanes) in column group j. Inline fast path for the common
+// case (bilevel codes, one second-level chunk for the whole tile, window inside the buffer); the
+// generic decoder otherwise.
+inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const detail::TileChunks& chunks, int64_t j,
+                              int64_t row0) {
+  const int64_t offset = j * st.row_bytes + row0 * st.bits / 8;  // row0 is a multiple of 16
+  if (st.bits != spqr_hf::kRawStatBits && chunks.uniform && offset + 16 <= L.n_groups * st.row_bytes) {
+    const uint16_t* meta = st.meta + (j * L.n_chunks + chunks.chunk[0]) * 2;
+    const __m512 codes = v_codes(st.codes + offset, st.ctl).v;
+    return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(half1(meta[spqr_hf::kMetaZero]))),
+                         _mm512_set1_ps(half1(meta[spqr_hf::kMetaStep])));
+  }
+  alignas(64) float out[kTileRows];
+  detail::decode_stat_lanes(st.codes, st.row_bytes, st.meta, st.bits, st.ctl, L, chunks, j, row0, out);
+  return _mm512_load_ps(out);
+}
+
+// sum over row `row`'s outliers of delta * x[col], 16 at a time; sets *bad on a column >= n.
+inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* bad) {
+  const int32_t end = L.outlier_row_ptr[row + 1];
+  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(L.n - 1));
+  __m512 acc = _mm512_setzero_ps();
+  __mmask16 out_of_range = 0;
+  for (int32_t p = L.outlier_row_ptr[row]; p < end; p += 16) {
+    const __mmask16 live = end - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - p)) - 1u);
+    const __m512i cols = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, L.outlier_col + p));
+    out_of_range |= _mm512_mask_cmpgt_epi32_mask(live, cols, last);
+    const __m512 xs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, _mm512_min_epi32(cols, last), x, 4);
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, L.outlier_delta + p)), xs, acc);
+  }
+  *bad |= out_of_range != 0;
+  return _mm512_reduce_add_ps(acc);
+}
+
+bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, int64_t row_begin,
+            int64_t row_end, float* scratch) {
+  if (!covers(L) || n_vectors > kMaxBatchVectors)
+    return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
+  const int64_t G = L.n_groups, n_padded = L.n_padded;
+  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
+  // two padded code rows, group sums [n_vectors][G], tile dot products and zero-point terms
+  // [n_vectors][16] each, then the 64-byte aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
+  float* scales = scratch;
+  uint8_t* row_copy = reinterpret_cast<uint8_t*>(scales + G * 2 * kTileRows);
+  float* sums = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
+  float* dots = sums + n_vectors * G;
+  float* zero_terms = dots + n_vectors * kTileRows;
+  const uintptr_t after = reinterpret_cast<uintptr_t>(zero_terms + n_vectors * kTileRows);
+  uint16_t* hi = reinterpret_cast<uint16_t*>((after + 63) & ~uintptr_t(63));
+  uint16_t* lo = hi + n_vectors * n_padded * 2;
+
+  const bool has_lo = split_activations(L, xp, n_vectors, hi, lo, sums);
+  const Tables t = make_tables(L.bits);
+  const StatStream scale_stream{L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits,
+                                make_ctl(L.scale_bits == spqr_hf::kRawStatBits ? 8 : L.scale_bits)};
+  const StatStream zero_stream{L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits,
+                               make_ctl(L.zero_bits == spqr_hf::kRawStatBits ? 8 : L.zero_bits)};
+  // Row lanes (0, 0, 1, 1, ..., 7, 7) and (8, 8, ..., 15, 15): each row pair's scales (s_a, s_a, s_b, s_b).
+  alignas(64) int32_t pair_lanes[2 * kTileRows];
+  for (int i = 0; i < 2 * kTileRows; ++i) pair_lanes[i] = i / 2;
+  const __m512i pairs_lo = _mm512_load_si512(pair_lanes), pairs_hi = _mm512_load_si512(pair_lanes + kTileRows);
+  const __m512 code_offset = _mm512_set1_ps(static_cast<float>(1 << L.bits));
+  bool ok = true;
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    const int64_t tile_end = min64(row0 + kTileRows, row_end);
+    // Statistics of the tile, one column group at a time with the 16 rows in vector lanes.
+    const detail::TileChunks chunks = detail::tile_chunks(L, row0);
+    __m512 zt[kMaxBatchVectors];
+    for (int64_t v = 0; v < n_vectors; ++v) zt[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; ++j) {
+      // Codes enter the dot products as 1 + c / 2^bits: scale by 2^bits s, shift the zero point by 2^bits.
+      const __m512 s = tile_statistics(L, scale_stream, chunks, j, row0);
+      const __m512 z = _mm512_add_ps(tile_statistics(L, zero_stream, chunks, j, row0), code_offset);
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int64_t v = 0; v < n_vectors; ++v) zt[v] = _mm512_fmadd_ps(sz, _mm512_set1_ps(sums[v * G + j]), zt[v]);
+      const __m512 scaled = _mm512_mul_ps(s, code_offset);  // exact: a power of two
+      _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, scaled));
+      _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, scaled));
+    }
+    for (int64_t v = 0; v < n_vectors; ++v) _mm512_storeu_ps(zero_terms + v * kTileRows, zt[v]);
+    if (has_lo)
+      dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
+    else
+      dot_tile_vectors<false>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
+    bool bad = false;
+    for (int64_t row = row0; row < tile_end; ++row)
+      for (int64_t v = 0; v < n_vectors; ++v)
+        y[v * y_stride + row] = dots[v * kTileRows + (row - row0)] - zero_terms[v * kTileRows + (row - row0)] +
+                                outlier_dot(L, xp + v * n_padded, row, &bad);
+    ok &= !bad;
+  }
+  return ok;
+}
+
+}  // namespace bf16
+}  // namespace isa_avx512bf16
+
+const KernelTable kAvx512Bf16Kernels = {"avx512bf16", &isa_avx512bf16::bf16::matvec,
+                                        &isa_avx512bf16::detail::dequant_f32, &isa_avx512bf16::detail::dequant_bf16};
+
+}  // namespace cpu
+}  // namespace spqr_hf

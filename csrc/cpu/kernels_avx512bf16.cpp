@@ -241,26 +241,67 @@ inline void dot_tile_vectors(const LayerView& L, const Tables& t, int64_t n_vect
   }
 }
 
-// One first-level statistic stream (scales or zero points) of the layer.
+// One first-level statistic stream (scales or zero points) of the layer, with the tile's decoded
+// second-level parameters (step[j], zero[j] of group j) when the whole tile is in one chunk.
 struct StatStream {
   const uint8_t* codes;
   int64_t row_bytes;
   const uint16_t* meta;
   int bits;
-  CodeCtl ctl;
+  CodeCtl ctl;  // generic 16-code unpacking (bits 5..8)
+  __m512i extract;  // VPMULTISHIFTQB control for bits <= 4: code l at the bottom of dword l
+  float* step;  // [G] for the current tile
+  float* zero;  // [G]
 };
 
-// The statistics of the tile's 16 rows (lanes) in column group j. Inline fast path for the common
-// case (bilevel codes, one second-level chunk for the whole tile, window inside the buffer); the
+inline StatStream stat_stream(const LayerView& L, const uint8_t* codes, int64_t row_bytes, const uint16_t* meta,
+                              int bits, float* tile_meta) {
+  alignas(64) uint8_t extract[64];
+  for (int l = 0; l < 16; ++l)
+    for (int i = 0; i < 4; ++i) extract[4 * l + i] = static_cast<uint8_t>((l * (bits <= 4 ? bits : 0) + 8 * i) & 63);
+  return {codes, row_bytes, meta, bits, make_ctl(bits == spqr_hf::kRawStatBits ? 8 : bits),
+          _mm512_load_si512(extract), tile_meta, tile_meta + L.n_groups};
+}
+
+// step[j], zero[j] = the float16 second-level (step, zero) of chunk `chunk` in every group j,
+// gathered 16 groups at a time (each pair is one 32-bit word of meta[G][R][2]).
+inline void decode_tile_meta(const LayerView& L, const StatStream& st, int64_t chunk) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(st.meta) + chunk;
+  const __m512i group_stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(static_cast<int32_t>(L.n_chunks)));
+  for (int64_t j = 0; j < L.n_groups; j += 16) {
+    const __mmask16 live = L.n_groups - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (L.n_groups - j)) - 1u);
+    const __m512i both = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, group_stride, pairs + j * L.n_chunks, 4);
+    static_assert(spqr_hf::kMetaStep == 0 && spqr_hf::kMetaZero == 1, "step in the low half of each pair");
+    _mm512_mask_storeu_ps(st.step + j, live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(both)));
+    _mm512_mask_storeu_ps(st.zero + j, live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(both, 16))));
+  }
+}
+
+// The statistics of the tile's 16 rows (lanes) in column group j. Inline fast paths for the common
+// cases (raw float16, or bilevel codes with the tile in one chunk, window inside the buffer); the
 // generic decoder otherwise.
 inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const detail::TileChunks& chunks, int64_t j,
                               int64_t row0) {
-  const int64_t offset = j * st.row_bytes + row0 * st.bits / 8;  // row0 is a multiple of 16
-  if (st.bits != spqr_hf::kRawStatBits && chunks.uniform && offset + 16 <= L.n_groups * st.row_bytes) {
-    const uint16_t* meta = st.meta + (j * L.n_chunks + chunks.chunk[0]) * 2;
-    const __m512 codes = v_codes(st.codes + offset, st.ctl).v;
-    return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(half1(meta[spqr_hf::kMetaZero]))),
-                         _mm512_set1_ps(half1(meta[spqr_hf::kMetaStep])));
+  const int64_t total = L.n_groups * st.row_bytes;
+  if (st.bits == spqr_hf::kRawStatBits) {
+    const int64_t offset = j * st.row_bytes + row0 * 2;
+    if (offset + 32 <= total) return v_half(reinterpret_cast<const uint16_t*>(st.codes + offset)).v;
+  } else if (chunks.uniform) {
+    const int64_t offset = j * st.row_bytes + row0 * st.bits / 8;  // row0 is a multiple of 16
+    __m512 codes;
+    bool fast = true;
+    if (st.bits <= 4 && offset + 8 <= total) {
+      int64_t window;
+      memcpy(&window, st.codes + offset, sizeof(window));
+      const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
+      codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
+    } else if (offset + 16 <= total) {
+      codes = v_codes(st.codes + offset, st.ctl).v;
+    } else {
+      fast = false;
+    }
+    if (fast) return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(st.zero[j])), _mm512_set1_ps(st.step[j]));
   }
   alignas(64) float out[kTileRows];
   detail::decode_stat_lanes(st.codes, st.row_bytes, st.meta, st.bits, st.ctl, L, chunks, j, row0, out);
@@ -290,10 +331,11 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
   // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
-  // two padded code rows, group sums [n_vectors][G], tile dot products and zero-point terms
+  // its second-level parameters, two padded code rows, group sums [n_vectors][G], tile dot products and zero-point terms
   // [n_vectors][16] each, then the 64-byte aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
   float* scales = scratch;
-  uint8_t* row_copy = reinterpret_cast<uint8_t*>(scales + G * 2 * kTileRows);
+  float* tile_meta = scales + G * 2 * kTileRows;  // 4 * G <= n_padded floats: step, zero of both streams
+  uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + n_padded);
   float* sums = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
   float* dots = sums + n_vectors * G;
   float* zero_terms = dots + n_vectors * kTileRows;
@@ -303,10 +345,9 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
 
   const bool has_lo = split_activations(L, xp, n_vectors, hi, lo, sums);
   const Tables t = make_tables(L.bits);
-  const StatStream scale_stream{L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits,
-                                make_ctl(L.scale_bits == spqr_hf::kRawStatBits ? 8 : L.scale_bits)};
-  const StatStream zero_stream{L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits,
-                               make_ctl(L.zero_bits == spqr_hf::kRawStatBits ? 8 : L.zero_bits)};
+  const StatStream scale_stream = stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, tile_meta);
+  const StatStream zero_stream =
+      stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, tile_meta + 2 * G);
   // Row lanes (0, 0, 1, 1, ..., 7, 7) and (8, 8, ..., 15, 15): each row pair's scales (s_a, s_a, s_b, s_b).
   alignas(64) int32_t pair_lanes[2 * kTileRows];
   for (int i = 0; i < 2 * kTileRows; ++i) pair_lanes[i] = i / 2;
@@ -317,6 +358,10 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     const int64_t tile_end = min64(row0 + kTileRows, row_end);
     // Statistics of the tile, one column group at a time with the 16 rows in vector lanes.
     const detail::TileChunks chunks = detail::tile_chunks(L, row0);
+    if (chunks.uniform) {
+      if (L.scale_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, scale_stream, chunks.chunk[0]);
+      if (L.zero_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, zero_stream, chunks.chunk[0]);
+    }
     __m512 zt[kMaxBatchVectors];
     for (int64_t v = 0; v < n_vectors; ++v) zt[v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < G; ++j) {

@@ -24,7 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
-constexpr int64_t kGemmTileBytes = int64_t(1) << 19;  // dequantised tile size per thread (fits L2)
+constexpr int64_t kGemmTileBytes = int64_t(4) << 20;  // dequantised rows per GEMM call (fits L3)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -181,28 +181,27 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t element = use_bf16 ? 2 : 4;
     at::Tensor xp = at::zeros({batch, n_padded}, x.options().dtype(gemm_dtype));
     xp.narrow(1, 0, n).copy_(x2.index_select(1, pm.to(at::kLong).bitwise_and(0xFFFF)));
-    // One parallel region: each thread dequantises its own rows tile by tile and multiplies them
-    // with a (nested, hence single-threaded) GEMM; no barrier between tiles.
-    const int64_t tile_rows = std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows);
+    // Row tiles of W_perm are dequantised by all threads together, then multiplied by one
+    // multi-threaded GEMM (a GEMM nested inside the parallel region would run single-threaded).
+    const int64_t tile_rows = std::min(round_up(m, kTileRows),
+                                       std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows));
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_floats(L, 0));
-      const int64_t row_end = std::min(end * kTileRows, m);
-      at::Tensor w_tile = at::empty({std::min(tile_rows, row_end - begin * kTileRows), n_padded},
-                                    x.options().dtype(gemm_dtype));
-      for (int64_t row0 = begin * kTileRows; row0 < row_end; row0 += tile_rows) {
-        const int64_t rows = std::min(tile_rows, row_end - row0);
+    at::Tensor w_tile = at::empty({tile_rows, n_padded}, x.options().dtype(gemm_dtype));
+    for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, m - row0);
+      at::parallel_for(0, num_groups(rows, kTileRows), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(scratch_floats(L, 0));
+        const int64_t first = row0 + begin * kTileRows, last = std::min(row0 + end * kTileRows, row0 + rows);
         const bool tile_ok =
-            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()), n_padded,
-                                            row0, row0 + rows, scratch.data())
-                     : kernels.dequant_f32(L, w_tile.data_ptr<float>(), n_padded, row0, row0 + rows, scratch.data());
-        if (!tile_ok) {
-          ok = false;
-          return;
-        }
-        y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));
-      }
-    });
+            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
+                                                   (first - row0) * n_padded,
+                                            n_padded, first, last, scratch.data())
+                     : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (first - row0) * n_padded, n_padded, first,
+                                           last, scratch.data());
+        if (!tile_ok) ok = false;
+      });
+      y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));
+    }
   }
   TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
               " (corrupted checkpoint?)");

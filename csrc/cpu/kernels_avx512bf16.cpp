@@ -375,6 +375,11 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
       _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, scaled));
     }
     for (int64_t v = 0; v < n_vectors; ++v) _mm512_storeu_ps(zero_terms + v * kTileRows, zt[v]);
+    // The next tile's codes are contiguous: request them now so DRAM latency overlaps this tile.
+    const int64_t next = min64(tile_end, L.m) * L.qweight_row_bytes;
+    const int64_t next_end = min64(min64(tile_end + kTileRows, row_end) * L.qweight_row_bytes, L.m * L.qweight_row_bytes);
+    for (int64_t at = next; at < next_end; at += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(L.qweight + at), _MM_HINT_T1);
     if (has_lo)
       dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
     else

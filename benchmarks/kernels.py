@@ -4,7 +4,7 @@ Layers are random but valid packed buffers at the issue's setting (3-bit weights
 3-bit statistics over 16 rows, ~1% outliers), generated directly with ``pack_bits``. Each cell is
 the median of repeated runs with caches flushed before each (as in a model, where the other
 layers evict a layer's weights), all measured side by side in this process. SpQR runs with
-float32 activations at batch <= 16 and bfloat16 activations above (the prefill setting).
+float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting).
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
 """
@@ -107,28 +107,30 @@ def main() -> None:
         raise SystemExit(f"spqr_hf._C did not load ({_extension.load_error()}); build it with pip install -e .")
     bandwidth = copy_bandwidth_gbs(args.repeats)
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  copy bandwidth={bandwidth:.1f} GB/s")
-    header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>5} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
+    header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>8} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
               f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6}")
     print(header)
     for m, n in SHAPES:
         packed = random_packed(m, n)
         dense = torch.randn(m, n)
         packed_bytes = packed.storage_bits() / 8
+        bits_per_weight = packed.storage_bits() / (m * n)
         floor_ms = packed_bytes / (bandwidth / 2 * 1e9) * 1e3  # reading the packed bytes once
         for batch in args.batches:
-            repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
+            repeats = args.repeats if batch <= 16 else max(5, args.repeats // 2)
             dense_ms = {}
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 w, x = dense.to(dtype), torch.randn(batch, n).to(dtype)
                 dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
-            act = torch.bfloat16 if batch > 16 else torch.float32
-            x = torch.randn(batch, n).to(act)
-            packed_args = _schema.op_args(packed, None)
-            spqr_ms = median_ms(lambda x=x, a=packed_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)
             fastest = min(dense_ms.values())
-            print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>5} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
-                  f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
-                  f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {packed.storage_bits() / (m * n):6.2f}")
+            # Decode-sized batches with both activation dtypes a model would use; prefill in bfloat16.
+            for act in (torch.float32, torch.bfloat16) if batch <= 16 else (torch.bfloat16,):
+                x = torch.randn(batch, n).to(act)
+                packed_args = _schema.op_args(packed, None)
+                spqr_ms = median_ms(lambda x=x, a=packed_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)
+                print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>8} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
+                      f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
+                      f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {bits_per_weight:6.2f}")
 
 
 if __name__ == "__main__":

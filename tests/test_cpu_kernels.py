@@ -22,7 +22,6 @@ from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, dequantize, pack_bits
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension, _schema
-from spqr_hf.ops.reference import spqr_linear_reference
 
 pytestmark = pytest.mark.skipif(
     not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"

@@ -331,8 +331,9 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
   // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
-  // its second-level parameters, two padded code rows, group sums [n_vectors][G], tile dot products and zero-point terms
-  // [n_vectors][16] each, then the 64-byte aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
+  // its second-level parameters, two padded code rows, group sums [n_vectors][G], tile dot products
+  // and zero-point terms [n_vectors][16] each, then the 64-byte aligned bfloat16 hi and lo copies
+  // [n_vectors][n_padded * 2].
   float* scales = scratch;
   float* tile_meta = scales + G * 2 * kTileRows;  // 4 * G <= n_padded floats: step, zero of both streams
   uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + n_padded);

@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
+import spqr_hf.core.spqr as engine
 from spqr_hf import SpQRConfig, SpQRLinear, quantize_weight
 from spqr_hf.core import SpQRParams, gptq_params, round_to_nearest, spqr_quantize
+from spqr_hf.core.bilevel import quantize_statistic, refine_statistic_pair
 from spqr_hf.core.outliers import leave_one_out_reduction
-from spqr_hf.core.quant_grid import quantize_dequantize
+from spqr_hf.core.quant_grid import fit_minmax, quantize_dequantize
+from spqr_hf.format.layout import affine
 from spqr_hf.format.pack import dequantize
 
 from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of
@@ -121,6 +124,43 @@ def test_leave_one_out_matches_brute_force(gen):
         keep = [i for i in range(10) if i != k]
         expected = base - error(group[keep], d[keep])
         torch.testing.assert_close(fast[k], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, stat_bits", [(3, (3, 3)), (4, (3, 3)), (2, (2, 4)), (4, (16, 3))])
+def test_statistic_refinement_never_raises_group_error_and_decodes_exactly(gen, bits, stat_bits):
+    maxq, qq_groupsize = (1 << bits) - 1, 16
+    group = heavy_tailed_weight(200, 16, gen).t().contiguous()  # [g, m]: 16 columns, 200 rows
+    column_weight = torch.rand(16, generator=gen) + 0.2
+    scale, zero = fit_minmax(group, maxq)
+    nearest = tuple(quantize_statistic(v, b, qq_groupsize) for v, b in zip((scale, zero), stat_bits, strict=True))
+    refined = refine_statistic_pair(group, column_weight, maxq, (scale, zero), nearest, stat_bits, qq_groupsize)
+
+    def error(pair) -> torch.Tensor:
+        grid = quantize_dequantize(group, pair[0].decoded, pair[1].decoded, maxq)
+        return ((group - grid).square() * column_weight[:, None]).sum(0)
+
+    assert bool((error(refined) <= error(nearest)).all())
+    if stat_bits[0] < 16:  # the gains come from a quantized scale (a rounded-down one clips)
+        assert float(error(refined).sum()) < 0.97 * float(error(nearest).sum())
+    for stat, before, bits_ in zip(refined, nearest, stat_bits, strict=True):
+        if stat.meta is None:  # raw statistics are kept as they are
+            assert torch.equal(stat.codes, before.codes)
+        else:  # a neighbour of the nearest code, decoded as the packed format decodes it
+            assert 0 <= int(stat.codes.min()) and int(stat.codes.max()) <= (1 << bits_) - 1
+            assert bool(((stat.codes - before.codes).abs() <= 1).all())
+            chunk = torch.arange(200) // qq_groupsize
+            meta = stat.meta.float()
+            assert torch.equal(stat.decoded, affine(stat.codes, meta[chunk, 0], meta[chunk, 1]))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_statistic_refinement_lowers_layer_error(gen, bits, monkeypatch):
+    weight, hessian = layer(gen)
+    params = SpQRParams(bits=bits, groupsize=16, qq_groupsize=16, outlier_threshold=0.2)
+    refined = hessian_error(weight, dequantize(spqr_quantize(weight, hessian, params).packed), hessian)
+    monkeypatch.setattr(engine, "REFINE_STATISTICS", False)
+    nearest = hessian_error(weight, dequantize(spqr_quantize(weight, hessian, params).packed), hessian)
+    assert refined < 0.97 * nearest, (refined, nearest)
 
 
 def test_deterministic(gen):

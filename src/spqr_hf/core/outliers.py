@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from spqr_hf.core.quant_grid import fit_minmax, quantize_dequantize
+from spqr_hf.core.quant_grid import quantize_dequantize
 
 
 def outlier_threshold(weight_t: torch.Tensor, inv_chol_diag: torch.Tensor, tau: float) -> torch.Tensor:
@@ -59,17 +59,18 @@ def leave_one_out_reduction(group: torch.Tensor, inv_chol_diag: torch.Tensor, ma
     return reduction
 
 
-def fit_group_excluding_outliers(
+def without_likely_outliers(
     group: torch.Tensor, inv_chol_diag: torch.Tensor, maxq: int, threshold: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(scale, zero)`` of ``group`` [g, m], fitted without the likely outliers.
+) -> torch.Tensor:
+    """``group`` [g, m] with its likely outliers replaced by the mean of the row's other weights.
 
-    Likely outliers (leave-one-out reduction above ``threshold``) are replaced by the mean of
-    the row's other weights, so they no longer stretch the min-max range.
+    Likely outliers (leave-one-out reduction above ``threshold``) will be stored sparsely, so
+    they should neither stretch the min-max range nor steer the choice of statistics.
     """
     if group.shape[0] < 2:
-        return fit_minmax(group, maxq)
+        return group
     likely = leave_one_out_reduction(group, inv_chol_diag, maxq) > threshold
     keep = (~likely).to(group.dtype)
     mean_kept = (group * keep).sum(dim=0) / keep.sum(dim=0).clamp_min(1)
-    return fit_minmax(torch.where(likely, mean_kept, group), maxq)
+    return torch.where(likely, mean_kept, group)
+

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spqr_hf.core.bilevel import quantize_statistic
-from spqr_hf.core.outliers import fit_group_excluding_outliers, outlier_threshold
+from spqr_hf.core.bilevel import quantize_statistic, refine_statistic_pair
+from spqr_hf.core.outliers import outlier_threshold, without_likely_outliers
 from spqr_hf.core.params import WHOLE_ROW, SpQRParams
 from spqr_hf.core.quant_grid import fit_minmax, quantize_to_codes
 from spqr_hf.format import layout
@@ -27,6 +27,7 @@ _FP16_MAX = 65504.0
 _MAX_DAMPING_RETRIES = 6
 _MIN_PARALLEL_DIM = 1024  # below this, multi-threaded matmuls cost more in wake-ups than they save
 _SUBBLOCK = 16  # columns per eager rank-1 update region inside a GPTQ block
+REFINE_STATISTICS = True  # joint neighbour search of second-level codes (bilevel.refine_statistic_pair)
 
 
 @dataclass
@@ -318,15 +319,17 @@ def _fit_group_statistics(
     Returns the *decoded* (scale, zero) that the column loop must use, so that the engine's
     reconstruction is the decoder's bit for bit.
     """
+    fitted = group_t
     if thr is not None and not params.simplified_outliers:
-        scale, zero = fit_group_excluding_outliers(group_t, group_d, maxq, thr)
-    else:
-        scale, zero = fit_minmax(group_t, maxq)
-    decoded = {}
-    for name, values, bits in (("scale", scale, params.qq_scale_bits), ("zero", zero, params.qq_zero_bits)):
-        stat = quantize_statistic(values, bits, qq_groupsize)
+        fitted = without_likely_outliers(group_t, group_d, maxq, thr)
+    scale, zero = fit_minmax(fitted, maxq)
+    bits = (params.qq_scale_bits, params.qq_zero_bits)
+    quantized = (quantize_statistic(scale, bits[0], qq_groupsize), quantize_statistic(zero, bits[1], qq_groupsize))
+    if REFINE_STATISTICS:
+        quantized = refine_statistic_pair(fitted, group_d.square().reciprocal(), maxq, (scale, zero), quantized, bits,
+                                          qq_groupsize)
+    for name, stat in zip(("scale", "zero"), quantized, strict=True):
         stat_codes[name][group_index] = stat.codes
         if stat.meta is not None:
             stat_meta[name].append(stat.meta)
-        decoded[name] = stat.decoded
-    return decoded["scale"], decoded["zero"]
+    return quantized[0].decoded, quantized[1].decoded

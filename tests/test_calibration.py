@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spqr_hf import SpQRConfig, SpQRLinear
-from spqr_hf.calibrate import CalibrationDataError, get_calibration_data, quantize_model
+from spqr_hf.calibrate import CalibrationDataError, find_block_list, get_calibration_data, quantize_model
 from spqr_hf.calibrate.sequential import spqr_layer_quantizer
 from spqr_hf.core import round_to_nearest
 from spqr_hf.hf.tiny import synthetic_text, tiny_model, tiny_tokenizer
@@ -152,18 +152,26 @@ def test_bfloat16_calibration_passes_stay_close_to_float32(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_replaying_finished_children_changes_nothing(tok, arch, monkeypatch):
-    """Outputs of block children whose linears are final are replayed in later passes; the
-    quantized model must be bit-identical to one calibrated without that shortcut."""
-    from spqr_hf.calibrate import sequential
+    """Outputs of block children whose linears are final are replayed in later passes, and
+    attention's output is rebuilt from the kept input of its last linear; the quantized model
+    must be bit-identical to one calibrated without those shortcuts."""
+    from spqr_hf.calibrate import replay as replay_module
 
     windows = get_calibration_data(TEXT, tok, nsamples=6, seqlen=32)
+    tail_replays = []
+    rebuild = replay_module.FrozenChildCache._replay_tail
+    monkeypatch.setattr(replay_module.FrozenChildCache, "_replay_tail",
+                        lambda self, name, tail: tail_replays.append(name) or rebuild(self, name, tail))
     packed = {}
     for replay in (True, False):
-        monkeypatch.setattr(sequential, "CACHE_FROZEN_CHILDREN", replay)
+        monkeypatch.setattr(replay_module, "CACHE_FROZEN_CHILDREN", replay)
         model = tiny_model(arch, seed=3)
         quantize_model(model, _config(calibration_dtype="float32"), windows, batch_size=2, progress=False)
         packed[replay] = {name: module.packed.tensors() for name, module in model.named_modules()
                           if isinstance(module, SpQRLinear)}
+    # 3 batches per block: the first checks that attention returns its last linear's output, the
+    # other two are rebuilt from that linear's kept input (only while the shortcut is on)
+    assert len(tail_replays) == 2 * len(find_block_list(model)[1]), tail_replays
     assert packed[True].keys() == packed[False].keys() and len(packed[True]) >= 8
     for name, tensors in packed[True].items():
         assert all(torch.equal(t, packed[False][name][k]) for k, t in tensors.items()), name

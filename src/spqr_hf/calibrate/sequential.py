@@ -35,6 +35,7 @@ from spqr_hf.calibrate.blocks import (
     set_weight_matrix,
     weight_matrix,
 )
+from spqr_hf.calibrate.replay import FrozenChildCache, first_tensor
 from spqr_hf.config import check_calibration_dtype
 from spqr_hf.core.hessian import HessianAccumulator
 from spqr_hf.core.params import SpQRParams
@@ -46,7 +47,6 @@ logger = logging.getLogger("spqr_hf")
 
 LayerQuantizer = Callable[[torch.Tensor, torch.Tensor, SpQRParams], SpQRResult]
 _TOKENS_PER_BATCH = 8192
-CACHE_FROZEN_CHILDREN = True  # replay outputs of finished block children (see _FrozenChildCache)
 
 
 def spqr_layer_quantizer(weight: torch.Tensor, hessian: torch.Tensor, params: SpQRParams) -> SpQRResult:
@@ -128,10 +128,6 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, dict):
         return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @dataclass
@@ -279,78 +275,27 @@ def discover_groups(block: nn.Module, linears: dict[str, nn.Module], hidden: tor
     return groups
 
 
-class _FrozenChildCache:
-    """Reuses outputs of block children that can no longer change within a block's passes.
-
-    With ``true_sequential`` a block is run once per group of linears; a direct child of the
-    block (e.g. ``self_attn``) whose linears are all final, and that runs after children whose
-    linears are all final, sees the same inputs and gives the same output in every later pass
-    (same batch), so it is computed once and replayed: attention then runs twice per block
-    instead of four times. Keys count calls, so a child called twice per pass is safe.
-    """
-
-    def __init__(self, block: nn.Module, linear_names: list[str]) -> None:
-        self.final: set[str] = set()
-        self.store_outputs = True
-        self._block = block
-        self._linears: dict[str, set[str]] = {}
-        self._wrapped_children: dict[str, Callable | None] = {}  # name -> instance forward it had
-        self._store: dict[tuple, Any] = {}
-        self._batch: int | None = None
-        self._called: list[str] = []
-        for name, child in block.named_children():
-            inside = {n for n in linear_names if n == name or n.startswith(name + ".")}
-            self._linears[name] = inside
-            if inside and CACHE_FROZEN_CHILDREN:
-                self._wrapped_children[name] = child.__dict__.get("forward")  # e.g. an accelerate hook
-                child.forward = self._wrapped(name, child.forward)
-
-    def begin_pass(self, batch: int) -> None:
-        self._batch, self._called = batch, []
-
-    def _frozen(self, name: str) -> bool:
-        return all(self._linears.get(n, set()) <= self.final for n in (*self._called, name))
-
-    def _wrapped(self, name: str, forward: Callable) -> Callable:
-        def run(*args, **kwargs):
-            frozen = self._batch is not None and self._frozen(name)
-            key = (self._batch, name, self._called.count(name))
-            self._called.append(name)
-            if frozen and key in self._store:
-                return self._store[key]
-            out = forward(*args, **kwargs)
-            if frozen and self.store_outputs:
-                self._store[key] = out
-            return out
-        return run
-
-    def close(self) -> None:
-        """Restore the children's forwards and drop the stored outputs."""
-        for name, previous in self._wrapped_children.items():
-            child = self._block.get_submodule(name)
-            if previous is None:
-                child.__dict__.pop("forward", None)
-            else:
-                child.forward = previous
-        self._store.clear()
-
-
 @torch.no_grad()
 def _accumulate(block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]], hidden: list[torch.Tensor],
                 calls: list[_BlockCall], index: int, device: torch.device,
-                cache: _FrozenChildCache | None = None) -> dict[str, HessianAccumulator]:
-    """One Hessian per group (keyed by its first layer); each pass stops at the last group's input."""
+                cache: FrozenChildCache | None = None) -> dict[str, HessianAccumulator]:
+    """One Hessian per group (keyed by its first layer); each pass stops at the last group's input,
+    which ``cache`` may keep for the next pass (up to the size of the block's input)."""
     accumulators = {g[0]: HessianAccumulator(in_out_features(linears[g[0]])[0], device=device) for g in groups}
     last = groups[-1][0]
+    block_input_bytes = 0
     handles = []
     for owner, acc in accumulators.items():
-        def hook(module, args, acc=acc, stop=owner == last):
+        def hook(module, args, acc=acc, owner=owner, stop=owner == last):
             acc.add_batch(args[0])
             if stop:
+                if cache is not None:
+                    cache.keep_tail_input(owner, args[0], block_input_bytes)
                 raise _Stop
         handles.append(linears[owner].register_forward_pre_hook(hook))
     try:
         for batch, (state, call) in enumerate(zip(hidden, calls, strict=True)):
+            block_input_bytes = state.numel() * state.element_size()
             if cache is not None:
                 cache.begin_pass(batch)
             try:
@@ -486,13 +431,15 @@ def quantize_model(
         # quantizes the original weights.
         work = block if _block_dtype(block) == compute_dtype else copy.deepcopy(block).to(compute_dtype)
         work_linears = {name: work.get_submodule(name) for name in linears}
-        cache = _FrozenChildCache(work, list(work_linears))
         results: dict[str, SpQRResult] = {}
+        groups: list[list[str]] = []
         if linears:
             key = frozenset(linears)
             if key not in group_cache:
                 group_cache[key] = discover_groups(work, work_linears, hidden[0], calls[0], index, device)
             groups = group_cache[key]
+        cache = FrozenChildCache(work, [name for group in groups for name in group])
+        if groups:
             stages = [[g] for g in groups] if getattr(config, "true_sequential", True) else [groups]
             bar = tqdm(total=sum(len(g) for g in groups), desc=f"block {index}", leave=False, disable=not progress)
             for stage in stages:
@@ -521,7 +468,7 @@ def quantize_model(
         cache.store_outputs = False  # the final pass is the last one: replay, store nothing new
         for i, (state, call) in enumerate(zip(hidden, calls, strict=True)):
             cache.begin_pass(i)
-            hidden[i] = _first_tensor(_run_block(work, state, call, index, device)).to(activation_device)
+            hidden[i] = first_tensor(_run_block(work, state, call, index, device)).to(activation_device)
         cache.close()
         for name, result in results.items():
             layer = linears[name]

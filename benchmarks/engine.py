@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import spqr_hf.core.spqr as engine
 from spqr_hf.core import HessianAccumulator, SpQRParams, gptq_params, round_to_nearest, spqr_quantize
 from spqr_hf.format.pack import dequantize
 
@@ -33,6 +34,15 @@ def synthetic_layer(size: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor
     return 0.02 * normal / chi2.sqrt(), acc.hessian
 
 
+def without_statistic_refinement(run):
+    """``run()`` with second-level codes rounded to nearest (the reference's choice), for comparison."""
+    engine.REFINE_STATISTICS = False
+    try:
+        return run()
+    finally:
+        engine.REFINE_STATISTICS = True
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     diff = weight - approx
     return float(torch.trace(diff @ hessian @ diff.t()) / torch.trace(weight @ hessian @ weight.t()))
@@ -49,6 +59,8 @@ def main() -> None:
                       outlier_threshold=0.2, damp_percent=1.0, act_order=True)
     methods = {
         "SpQR w3 g16 qq16 3/3-bit stats tau 0.2": lambda: spqr_quantize(weight, hessian, spqr),
+        "the same, nearest-code statistics (no refinement)":
+            lambda: without_statistic_refinement(lambda: spqr_quantize(weight, hessian, spqr)),
         "GPTQ-only (no outliers, fp16 stats)": lambda: spqr_quantize(weight, hessian, gptq_params(spqr)),
         "round-to-nearest (fp16 stats)": lambda: round_to_nearest(weight, gptq_params(spqr)),
     }

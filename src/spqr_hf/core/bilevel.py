@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from spqr_hf.core.quant_grid import quantize_dequantize
 from spqr_hf.format.layout import RAW_STAT_BITS, affine
 
 # Keep |zero| = |min| / step below this, so the float16 zero point can neither overflow nor
@@ -97,8 +96,12 @@ def refine_statistic_pair(
         return scale_stat, zero_stat
     scale_codes, scales = _code_candidates(exact[0], scale_stat, bits[0], qq_groupsize)
     zero_codes, zeros = _code_candidates(exact[1], zero_stat, bits[1], qq_groupsize)
-    grid = quantize_dequantize(group, scales[:, None, None, :], zeros[None, :, None, :], maxq)  # [S, Z, g, m]
-    error = ((group - grid).square_() * column_weight[:, None]).sum(dim=2).flatten(0, 1)  # [S * Z, m]
+    # quantize_dequantize(group, scale, zero) - group for every pair at once, in place: [S, Z, g, m]
+    step, zero = scales[:, None, None, :], zeros[None, :, None, :]
+    inverse = torch.where(step > 0, step.reciprocal(), torch.zeros_like(step))
+    diff = group * inverse + zero
+    diff.round_().clamp_(0, maxq).sub_(zero).mul_(step).sub_(group).square_()
+    error = torch.einsum("szgm,g->szm", diff, column_weight).flatten(0, 1)  # [S * Z, m]
     best = error.argmin(dim=0, keepdim=True)  # ties keep the nearest codes (candidate 0)
     s_pick, z_pick = best // zeros.shape[0], best % zeros.shape[0]
     return (

@@ -52,7 +52,6 @@ def quantize_statistic(values: torch.Tensor, bits: int, qq_groupsize: int) -> Qu
     return QuantizedStatistic(codes.to(torch.int64), meta, affine(codes, row_step, row_zero))
 
 
-
 def _row_grid(meta: torch.Tensor, rows: int, qq_groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's float32 (step, zero) from its chunk's float16 meta."""
     row_chunk = torch.arange(rows, device=meta.device) // qq_groupsize
@@ -89,11 +88,11 @@ def refine_statistic_pair(
     Rounding the scale and the zero point to their nearest codes separately ignores how they act
     together: a scale rounded down clips the group's extremes, and the zero point can make up
     for it. Trying all four neighbour pairs costs one [4, g, m] pass and cuts the layer error
-    by ~10% at 3 and 4 bits with 3-bit statistics. Raw (16-bit) statistics are returned as they are.
+    by ~10% at 3 and 4 bits with 3-bit statistics. A raw (float16) statistic keeps its value.
     """
     scale_stat, zero_stat = quantized
-    if scale_stat.meta is None or zero_stat.meta is None:
-        return scale_stat, zero_stat
+    if scale_stat.meta is None and zero_stat.meta is None:
+        return quantized
     scale_codes, scales = _code_candidates(exact[0], scale_stat, bits[0], qq_groupsize)
     zero_codes, zeros = _code_candidates(exact[1], zero_stat, bits[1], qq_groupsize)
     # quantize_dequantize(group, scale, zero) - group for every pair at once, in place: [S, Z, g, m]

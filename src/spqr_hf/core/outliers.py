@@ -73,4 +73,3 @@ def without_likely_outliers(
     keep = (~likely).to(group.dtype)
     mean_kept = (group * keep).sum(dim=0) / keep.sum(dim=0).clamp_min(1)
     return torch.where(likely, mean_kept, group)
-

@@ -60,9 +60,10 @@ class FrozenChildCache:
     def _frozen(self, name: str) -> bool:
         return all(self._linears.get(n, set()) <= self.final for n in (*self._called, name))
 
-    def keep_tail_input(self, linear: str, inputs: torch.Tensor, max_bytes: int) -> None:
+    def keep_tail_input(self, linear: str, inputs: torch.Tensor, block_input: torch.Tensor) -> None:
         """Called where a pass stops at ``linear``: keep its input if it is the last linear of
-        the running child and everything before it in the pass is final."""
+        the running child, everything before it in the pass is final, and it is no larger than
+        ``block_input`` (kept where the block inputs live, e.g. on the CPU during GPU calibration)."""
         if not self._called or self._batch is None:
             return
         child = self._called[-1]
@@ -70,18 +71,24 @@ class FrozenChildCache:
         if (self._last_linear.get(child) != linear or not earlier_final
                 or not self._linears[child] - {linear} <= self.final
                 or self._tail_shape.get(child, ()) is None
-                or inputs.untyped_storage().nbytes() > max_bytes):
+                or inputs.untyped_storage().nbytes() > block_input.numel() * block_input.element_size()):
             return
-        self._tail_inputs[(self._batch, child, self._called.count(child) - 1)] = (linear, inputs)
+        key = (self._batch, child, self._called.count(child) - 1)
+        self._tail_inputs[key] = (linear, inputs.to(block_input.device))
+
+    def _linear_on_kept(self, tail: tuple[str, torch.Tensor]) -> torch.Tensor:
+        linear = self._block.get_submodule(tail[0])
+        weight = next(linear.parameters(), None)
+        return linear(tail[1] if weight is None else tail[1].to(weight.device))
 
     def _replay_tail(self, name: str, tail: tuple[str, torch.Tensor]) -> Any:
         kind, length = self._tail_shape[name]
-        out = self._block.get_submodule(tail[0])(tail[1])
+        out = self._linear_on_kept(tail)
         return out if kind is torch.Tensor else kind((out,) + (None,) * (length - 1))
 
     def _learn_tail_shape(self, name: str, out: Any, tail: tuple[str, torch.Tensor]) -> None:
         """Replay ``name`` from its last linear only if its output is exactly that linear's output."""
-        expected = self._block.get_submodule(tail[0])(tail[1])
+        expected = self._linear_on_kept(tail)
         if isinstance(out, torch.Tensor):
             shape = (torch.Tensor, 1)
         elif type(out) in (tuple, list) and out and all(v is None for v in out[1:]):

@@ -283,19 +283,19 @@ def _accumulate(block: nn.Module, linears: dict[str, nn.Module], groups: list[li
     which ``cache`` may keep for the next pass (up to the size of the block's input)."""
     accumulators = {g[0]: HessianAccumulator(in_out_features(linears[g[0]])[0], device=device) for g in groups}
     last = groups[-1][0]
-    block_input_bytes = 0
+    block_input = torch.empty(0)
     handles = []
     for owner, acc in accumulators.items():
         def hook(module, args, acc=acc, owner=owner, stop=owner == last):
             acc.add_batch(args[0])
             if stop:
                 if cache is not None:
-                    cache.keep_tail_input(owner, args[0], block_input_bytes)
+                    cache.keep_tail_input(owner, args[0], block_input)
                 raise _Stop
         handles.append(linears[owner].register_forward_pre_hook(hook))
     try:
         for batch, (state, call) in enumerate(zip(hidden, calls, strict=True)):
-            block_input_bytes = state.numel() * state.element_size()
+            block_input = state
             if cache is not None:
                 cache.begin_pass(batch)
             try:

@@ -46,8 +46,7 @@ def quantize_statistic(values: torch.Tensor, bits: int, qq_groupsize: int) -> Qu
     step16 = step.to(torch.float16)
     zero16 = (-lo / step16.to(torch.float32)).to(torch.float16)
     meta = torch.stack([step16, zero16], dim=1)
-    row_chunk = torch.arange(m, device=values.device) // qq_groupsize
-    row_step, row_zero = step16[row_chunk].to(torch.float32), zero16[row_chunk].to(torch.float32)
+    row_step, row_zero = _row_grid(meta, m, qq_groupsize)
     codes = torch.clamp(torch.round(values / row_step + row_zero), 0, maxq)
     return QuantizedStatistic(codes.to(torch.int64), meta, affine(codes, row_step, row_zero))
 

@@ -37,6 +37,7 @@ namespace bf16 {
 
 using detail::min64;
 
+constexpr int64_t kAheadRows = 4;  // rows ahead of the current pair whose codes are prefetched
 constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
 
 // Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
@@ -186,18 +187,27 @@ inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, 
   __m512 acc0[NV], acc1[NV], dp[NV];
   for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
   if (L.groupsize == kBlockCols && G == n_blocks) {  // groups of 16: one block per group
+    // Eight groups per iteration (48 bytes of each row: fewer loop and address instructions), each
+    // fetching the lines kAheadRows rows further on, which the row pair after next will read.
+    const int64_t ahead = kAheadRows * L.qweight_row_bytes;
+    const auto group = [&](int64_t j, __m512 (&acc)[NV]) {
+      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
+      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc);
+    };
     int64_t j = 0;
-    for (; j + 2 <= G; j += 2) {
-      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
-      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc0);
-      block_dots<NV, LO>(t, a + (j + 1) * block_bytes, b + (j + 1) * block_bytes, hi + (j + 1) * 32, lo + (j + 1) * 32,
-                         vec_stride, dp);
-      add_scaled<NV>(s + (j + 1) * 2 * kTileRows, dp, acc1);
+    for (; j + 8 <= G; j += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(a + ahead + j * block_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + ahead + j * block_bytes), _MM_HINT_T0);
+      group(j, acc0);
+      group(j + 1, acc1);
+      group(j + 2, acc0);
+      group(j + 3, acc1);
+      group(j + 4, acc0);
+      group(j + 5, acc1);
+      group(j + 6, acc0);
+      group(j + 7, acc1);
     }
-    if (j < G) {
-      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
-      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc0);
-    }
+    for (; j < G; ++j) group(j, j % 2 ? acc1 : acc0);
   } else {
     const int64_t per_group = G == 1 ? n_blocks : L.groupsize / kBlockCols;
     for (int64_t j = 0; j < G; ++j) {
@@ -308,9 +318,84 @@ inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const de
   return _mm512_load_ps(out);
 }
 
+// Whether the tile's statistics of this stream can take the inline fast path in every group:
+// raw float16, or codes of <= 4 bits with the tile in one second-level chunk, and the tile's window
+// inside each group's row of the buffer (so inside the buffer). row0 is a multiple of 16.
+inline bool fast_tile(const StatStream& st, const detail::TileChunks& chunks, int64_t row0) {
+  if (st.bits == spqr_hf::kRawStatBits) return row0 * 2 + 32 <= st.row_bytes;
+  return st.bits <= 4 && chunks.uniform && row0 * st.bits / 8 + 8 <= st.row_bytes;
+}
+
+// The statistics of the tile's 16 rows in group j on the fast path (see fast_tile).
+template <bool RAW>
+inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
+  if (RAW) return v_half(reinterpret_cast<const uint16_t*>(st.codes + j * st.row_bytes + row0 * 2)).v;
+  int64_t window;
+  memcpy(&window, st.codes + j * st.row_bytes + row0 * st.bits / 8, sizeof(window));
+  const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
+  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(st.zero[j])), _mm512_set1_ps(st.step[j]));
+}
+
+// The tile's per-group terms from stat(j, s, z), the scales and zero points of its 16 rows (lanes)
+// in group j. Codes enter the dot products as 1 + c / 2^bits, so the dot loops get the scales
+// times 2^bits, pair-expanded (s_a, s_a, s_b, s_b per row pair, see add_scaled), and the
+// zero-point terms get scale_zero[j] = s (z + 2^bits).
+template <class Stat>
+inline void tile_terms(const LayerView& L, Stat&& stat, float* scales, float* scale_zero) {
+  const __m512i pairs_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
+  const __m512 code_offset = _mm512_set1_ps(static_cast<float>(1 << L.bits));
+  for (int64_t j = 0; j < L.n_groups; ++j) {
+    __m512 s, z;
+    stat(j, s, z);
+    _mm512_storeu_ps(scale_zero + j * kTileRows, _mm512_mul_ps(s, _mm512_add_ps(z, code_offset)));
+    const __m512 scaled = _mm512_mul_ps(s, code_offset);  // exact: a power of two
+    _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, scaled));
+    _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, scaled));
+  }
+}
+
+template <bool RAW_SCALE, bool RAW_ZERO>
+inline void tile_terms(const LayerView& L, const StatStream& scale, const StatStream& zero, int64_t row0,
+                       float* scales, float* scale_zero) {
+  tile_terms(
+      L,
+      [&](int64_t j, __m512& s, __m512& z) {
+        s = fast_statistics<RAW_SCALE>(scale, j, row0);
+        z = fast_statistics<RAW_ZERO>(zero, j, row0);
+      },
+      scales, scale_zero);
+}
+
+// zero_terms[v * 16 + lane] = sum_j scale_zero[j][lane] * X_vj (four chains hide the FMA latency).
+inline void tile_zero_terms(int64_t G, int64_t n_vectors, const float* scale_zero, const float* sums,
+                            float* zero_terms) {
+  for (int64_t v = 0; v < n_vectors; ++v) {
+    const float* X = sums + v * G;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // named, not an array: kept in registers
+    int64_t j = 0;
+    for (; j + 4 <= G; j += 4) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(scale_zero + j * kTileRows), _mm512_set1_ps(X[j]), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(scale_zero + (j + 1) * kTileRows), _mm512_set1_ps(X[j + 1]), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(scale_zero + (j + 2) * kTileRows), _mm512_set1_ps(X[j + 2]), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(scale_zero + (j + 3) * kTileRows), _mm512_set1_ps(X[j + 3]), a3);
+    }
+    for (; j < G; ++j) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(scale_zero + j * kTileRows), _mm512_set1_ps(X[j]), a0);
+    _mm512_storeu_ps(zero_terms + v * kTileRows, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
+
 // sum over row `row`'s outliers of delta * x[col], 16 at a time; sets *bad on a column >= n.
 inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* bad) {
   const int32_t end = L.outlier_row_ptr[row + 1];
+  {
+    const int32_t later = L.outlier_row_ptr[min64(row + kTileRows, L.m)];
+    _mm_prefetch(reinterpret_cast<const char*>(L.outlier_col + later), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(L.outlier_col + later + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(L.outlier_delta + later), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(L.outlier_delta + later + 32), _MM_HINT_T0);
+  }
   const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(L.n - 1));
   __m512 acc = _mm512_setzero_ps();
   __mmask16 out_of_range = 0;
@@ -332,15 +417,15 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   const int64_t G = L.n_groups, n_padded = L.n_padded;
   // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
   // its second-level parameters, two padded code rows, group sums [n_vectors][G], tile dot products
-  // and zero-point terms [n_vectors][16] each, then the 64-byte aligned bfloat16 hi and lo copies
-  // [n_vectors][n_padded * 2].
+  // and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16], then the 64-byte
+  // aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
   float* scales = scratch;
   float* tile_meta = scales + G * 2 * kTileRows;  // 4 * G <= n_padded floats: step, zero of both streams
   uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + n_padded);
   float* sums = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
   float* dots = sums + n_vectors * G;
   float* zero_terms = dots + n_vectors * kTileRows;
-  const uintptr_t after = reinterpret_cast<uintptr_t>(zero_terms + n_vectors * kTileRows);
+  const uintptr_t after = reinterpret_cast<uintptr_t>(zero_terms + n_vectors * kTileRows + G * kTileRows);
   uint16_t* hi = reinterpret_cast<uint16_t*>((after + 63) & ~uintptr_t(63));
   uint16_t* lo = hi + n_vectors * n_padded * 2;
 
@@ -349,11 +434,6 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   const StatStream scale_stream = stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, tile_meta);
   const StatStream zero_stream =
       stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, tile_meta + 2 * G);
-  // Row lanes (0, 0, 1, 1, ..., 7, 7) and (8, 8, ..., 15, 15): each row pair's scales (s_a, s_a, s_b, s_b).
-  alignas(64) int32_t pair_lanes[2 * kTileRows];
-  for (int i = 0; i < 2 * kTileRows; ++i) pair_lanes[i] = i / 2;
-  const __m512i pairs_lo = _mm512_load_si512(pair_lanes), pairs_hi = _mm512_load_si512(pair_lanes + kTileRows);
-  const __m512 code_offset = _mm512_set1_ps(static_cast<float>(1 << L.bits));
   bool ok = true;
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
     const int64_t tile_end = min64(row0 + kTileRows, row_end);
@@ -363,24 +443,22 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
       if (L.scale_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, scale_stream, chunks.chunk[0]);
       if (L.zero_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, zero_stream, chunks.chunk[0]);
     }
-    __m512 zt[kMaxBatchVectors];
-    for (int64_t v = 0; v < n_vectors; ++v) zt[v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < G; ++j) {
-      // Codes enter the dot products as 1 + c / 2^bits: scale by 2^bits s, shift the zero point by 2^bits.
-      const __m512 s = tile_statistics(L, scale_stream, chunks, j, row0);
-      const __m512 z = _mm512_add_ps(tile_statistics(L, zero_stream, chunks, j, row0), code_offset);
-      const __m512 sz = _mm512_mul_ps(s, z);
-      for (int64_t v = 0; v < n_vectors; ++v) zt[v] = _mm512_fmadd_ps(sz, _mm512_set1_ps(sums[v * G + j]), zt[v]);
-      const __m512 scaled = _mm512_mul_ps(s, code_offset);  // exact: a power of two
-      _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, scaled));
-      _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, scaled));
-    }
-    for (int64_t v = 0; v < n_vectors; ++v) _mm512_storeu_ps(zero_terms + v * kTileRows, zt[v]);
-    // The next tile's codes are contiguous: request them now so DRAM latency overlaps this tile.
-    const int64_t next = min64(tile_end, L.m) * L.qweight_row_bytes;
-    const int64_t next_end = min64(min64(tile_end + kTileRows, row_end) * L.qweight_row_bytes, L.m * L.qweight_row_bytes);
-    for (int64_t at = next; at < next_end; at += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(L.qweight + at), _MM_HINT_T1);
+    float* scale_zero = zero_terms + n_vectors * kTileRows;  // [G][16], see tile_terms
+    const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
+    if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
+      tile_terms<true, true>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+    else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
+      tile_terms<true, false>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+    else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
+      tile_terms<false, true>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+    else if (fast)
+      tile_terms<false, false>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+    else
+      tile_terms(L, [&](int64_t j, __m512& sc, __m512& z) {
+        sc = tile_statistics(L, scale_stream, chunks, j, row0);
+        z = tile_statistics(L, zero_stream, chunks, j, row0);
+      }, scales, scale_zero);
+    tile_zero_terms(G, n_vectors, scale_zero, sums, zero_terms);
     if (has_lo)
       dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
     else

@@ -39,7 +39,7 @@ struct LayerView {
 // of a tile, one dense row, two zero-padded copies of packed rows, and per activation vector its
 // group sums, a bfloat16 hi/lo copy and a tile of dot products and zero-point terms).
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  return 3 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
+  return 7 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
          n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
 }
 

@@ -38,7 +38,8 @@ namespace bf16 {
 using detail::min64;
 
 constexpr int64_t kAheadRows = 4;  // rows ahead of the current pair whose codes are prefetched
-constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
+constexpr int64_t kMaxBatchVectors = 8;
+constexpr int64_t kMetaBlock = 16;  // second-level chunks decoded together (decode_meta_block)  // activation vectors per call (ops.cpp sends at most 8 to matvec)
 
 // Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
 inline bool covers(const LayerView& L) {
@@ -81,8 +82,9 @@ inline __m256i as_i(__m256bh v) { return reinterpret_cast<__m256i&>(v); }
 inline __m512 bf16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // hi/lo[(v * n_blocks + b) * 32 + w] = activation block_position(w) of block b of vector v, as
-// bfloat16 hi and lo parts, and sums[v * G + j] = X_vj, the float32 sum of hi + lo over group j
-// (of the split values, so that the 1 in each code's 1 + c / 2^bits cancels to float32 rounding).
+// bfloat16 hi and lo parts, and sums[v * G + j] = X_vj / 2^bits, with X_vj the float32 sum of hi + lo
+// over group j (of the split values, so that the 1 in each code's 1 + c / 2^bits cancels to float32
+// rounding; the exact 2^-bits turns tile_terms' s * z into the zero-point term's scale * (zero + 2^bits)).
 // Returns whether any lo part is non-zero.
 inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vectors, uint16_t* hi, uint16_t* lo,
                               float* sums) {
@@ -105,8 +107,16 @@ inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vec
       _mm512_storeu_si512(hi + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(h)));
       _mm512_storeu_si512(lo + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(l)));
     }
+    for (int64_t j = 0; j < L.n_groups; ++j) sums[v * L.n_groups + j] *= 1.0f / static_cast<float>(1 << L.bits);
   }
   return any_lo != 0;
+}
+
+// The 32 bfloat16 values of a register whose even qwords hold row a's 64-bit window of a block and
+// whose odd qwords hold row b's (the register order above).
+inline __m512bh pair_codes(const Tables& t, __m512i both) {
+  const __m512i words = _mm512_multishift_epi64_epi8(t.extract, both);
+  return as_bh(_mm512_ternarylogic_epi32(words, t.mantissa, t.one, 0xEA));  // (words & mantissa) | one
 }
 
 // Codes of one 16-column block of rows a and b as 32 bfloat16 values, in the register order above.
@@ -114,9 +124,7 @@ inline __m512bh block_codes(const Tables& t, const uint8_t* a, const uint8_t* b)
   int64_t wa, wb;
   memcpy(&wa, a, sizeof(wa));
   memcpy(&wb, b, sizeof(wb));
-  const __m512i both = _mm512_mask_set1_epi64(_mm512_set1_epi64(wa), kRowBQwords, wb);
-  const __m512i words = _mm512_multishift_epi64_epi8(t.extract, both);
-  return as_bh(_mm512_ternarylogic_epi32(words, t.mantissa, t.one, 0xEA));  // (words & mantissa) | one
+  return pair_codes(t, _mm512_mask_set1_epi64(_mm512_set1_epi64(wa), kRowBQwords, wb));
 }
 
 inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
@@ -158,9 +166,7 @@ inline void group_dots(const Tables& t, const uint8_t* a, const uint8_t* b, int6
 
 // One 16-column group: dp = codes * activations of the block's two rows (no inner loop).
 template <int NV, bool LO>
-inline void block_dots(const Tables& t, const uint8_t* a, const uint8_t* b, const uint16_t* hi, const uint16_t* lo,
-                       int64_t vec_stride, __m512 (&dp)[NV]) {
-  const __m512bh c = block_codes(t, a, b);
+inline void block_dots(__m512bh c, const uint16_t* hi, const uint16_t* lo, int64_t vec_stride, __m512 (&dp)[NV]) {
   for (int v = 0; v < NV; ++v) {
     dp[v] = _mm512_dpbf16_ps(_mm512_setzero_ps(), c, load_bh(hi + v * vec_stride));
     if (LO) dp[v] = _mm512_add_ps(dp[v], _mm512_dpbf16_ps(_mm512_setzero_ps(), c, load_bh(lo + v * vec_stride)));
@@ -187,27 +193,39 @@ inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, 
   __m512 acc0[NV], acc1[NV], dp[NV];
   for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
   if (L.groupsize == kBlockCols && G == n_blocks) {  // groups of 16: one block per group
-    // Eight groups per iteration (48 bytes of each row: fewer loop and address instructions), each
-    // fetching the lines kAheadRows rows further on, which the row pair after next will read.
+    // Eight groups per iteration: one masked 64-byte load of each row, VPERMT2B picks each block's
+    // 64-bit windows out of them (fewer loads than two broadcasts per block), and the lines
+    // kAheadRows rows further on, which the row pair after next will read, are requested.
     const int64_t ahead = kAheadRows * L.qweight_row_bytes;
-    const auto group = [&](int64_t j, __m512 (&acc)[NV]) {
-      block_dots<NV, LO>(t, a + j * block_bytes, b + j * block_bytes, hi + j * 32, lo + j * 32, vec_stride, dp);
+    const auto group = [&](__m512bh codes, int64_t j, __m512 (&acc)[NV]) {
+      block_dots<NV, LO>(codes, hi + j * 32, lo + j * 32, vec_stride, dp);
       add_scaled<NV>(s + j * 2 * kTileRows, dp, acc);
     };
+    const __mmask64 window = (~uint64_t(0)) >> (64 - (7 * block_bytes + 8));  // bytes the 8 blocks read
+    __m512i pick[8];  // byte 8q + i <- row (q % 2)'s byte u * block_bytes + i, from table a | b
+    {
+      alignas(64) uint8_t first[64];
+      for (int q = 0; q < 8; ++q)
+        for (int i = 0; i < 8; ++i) first[8 * q + i] = static_cast<uint8_t>((q % 2) * 64 + i);
+      const __m512i base = _mm512_load_si512(first);
+      for (int u = 0; u < 8; ++u) pick[u] = _mm512_add_epi8(base, _mm512_set1_epi8(static_cast<char>(u * block_bytes)));
+    }
     int64_t j = 0;
     for (; j + 8 <= G; j += 8) {
       _mm_prefetch(reinterpret_cast<const char*>(a + ahead + j * block_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + ahead + j * block_bytes), _MM_HINT_T0);
-      group(j, acc0);
-      group(j + 1, acc1);
-      group(j + 2, acc0);
-      group(j + 3, acc1);
-      group(j + 4, acc0);
-      group(j + 5, acc1);
-      group(j + 6, acc0);
-      group(j + 7, acc1);
+      const __m512i ra = _mm512_maskz_loadu_epi8(window, a + j * block_bytes);
+      const __m512i rb = _mm512_maskz_loadu_epi8(window, b + j * block_bytes);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[0], rb)), j, acc0);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[1], rb)), j + 1, acc1);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[2], rb)), j + 2, acc0);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[3], rb)), j + 3, acc1);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[4], rb)), j + 4, acc0);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[5], rb)), j + 5, acc1);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[6], rb)), j + 6, acc0);
+      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[7], rb)), j + 7, acc1);
     }
-    for (; j < G; ++j) group(j, j % 2 ? acc1 : acc0);
+    for (; j < G; ++j) group(block_codes(t, a + j * block_bytes, b + j * block_bytes), j, j % 2 ? acc1 : acc0);
   } else {
     const int64_t per_group = G == 1 ? n_blocks : L.groupsize / kBlockCols;
     for (int64_t j = 0; j < G; ++j) {
@@ -251,8 +269,10 @@ inline void dot_tile_vectors(const LayerView& L, const Tables& t, int64_t n_vect
   }
 }
 
-// One first-level statistic stream (scales or zero points) of the layer, with the tile's decoded
-// second-level parameters (step[j], zero[j] of group j) when the whole tile is in one chunk.
+// One first-level statistic stream (scales or zero points) of the layer. The dot loops want each
+// statistic t as the affine mult * t + offset (scales times 2^bits, zero points plus 2^bits: see
+// tile_terms), so that transform is folded into the decoded second-level parameters:
+// t' = c * step[j] + bias[j] for a code c in group j, one FMA, when the whole tile is in one chunk.
 struct StatStream {
   const uint8_t* codes;
   int64_t row_bytes;
@@ -260,43 +280,96 @@ struct StatStream {
   int bits;
   CodeCtl ctl;  // generic 16-code unpacking (bits 5..8)
   __m512i extract;  // VPMULTISHIFTQB control for bits <= 4: code l at the bottom of dword l
-  float* step;  // [G] for the current tile
-  float* zero;  // [G]
+  float mult, offset;  // the transform applied to every decoded statistic
+  float* block_step;  // [kMetaBlock][G]: mult * step of chunk block_first + t in group j (decode_meta_block)
+  float* block_bias;  // [kMetaBlock][G]: offset - mult * step * zero
+  int64_t block_first;  // first chunk in the block buffers (-1: none yet)
+  const float* step;  // [G]: the current tile's row of block_step
+  const float* bias;  // [G]
 };
 
 inline StatStream stat_stream(const LayerView& L, const uint8_t* codes, int64_t row_bytes, const uint16_t* meta,
-                              int bits, float* tile_meta) {
+                              int bits, float mult, float offset, float* tile_meta) {
   alignas(64) uint8_t extract[64];
   for (int l = 0; l < 16; ++l)
     for (int i = 0; i < 4; ++i) extract[4 * l + i] = static_cast<uint8_t>((l * (bits <= 4 ? bits : 0) + 8 * i) & 63);
   return {codes, row_bytes, meta, bits, make_ctl(bits == spqr_hf::kRawStatBits ? 8 : bits),
-          _mm512_load_si512(extract), tile_meta, tile_meta + L.n_groups};
+          _mm512_load_si512(extract), mult, offset, tile_meta, tile_meta + kMetaBlock * L.n_groups, -1, nullptr, nullptr};
 }
 
-// step[j], zero[j] = the float16 second-level (step, zero) of chunk `chunk` in every group j,
-// gathered 16 groups at a time (each pair is one 32-bit word of meta[G][R][2]).
-inline void decode_tile_meta(const LayerView& L, const StatStream& st, int64_t chunk) {
-  const int32_t* pairs = reinterpret_cast<const int32_t*>(st.meta) + chunk;
-  const __m512i group_stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int32_t>(L.n_chunks)));
-  for (int64_t j = 0; j < L.n_groups; j += 16) {
-    const __mmask16 live = L.n_groups - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (L.n_groups - j)) - 1u);
-    const __m512i both = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, group_stride, pairs + j * L.n_chunks, 4);
-    static_assert(spqr_hf::kMetaStep == 0 && spqr_hf::kMetaZero == 1, "step in the low half of each pair");
-    _mm512_mask_storeu_ps(st.step + j, live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(both)));
-    _mm512_mask_storeu_ps(st.zero + j, live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(both, 16))));
+// r[t] <- lane t of every r[i] (a 16 x 16 transpose of 32-bit elements).
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_i32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
+      t[8 * i + 4 + k] = _mm512_shuffle_i32x4(r[8 * i + k], r[8 * i + 4 + k], 0xDD);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xDD);
   }
 }
 
-// The statistics of the tile's 16 rows (lanes) in column group j. Inline fast paths for the common
-// cases (raw float16, or bilevel codes with the tile in one chunk, window inside the buffer); the
-// generic decoder otherwise.
+// block_step / block_bias from the float16 second-level (step, zero) pairs of chunks
+// [first, first + kMetaBlock) (clipped at R) in every group. meta is [G][R][2], so each group's
+// pairs of the block are one contiguous load; 16 groups are transposed in registers to the
+// tile-major rows the tiles read. (A gather of 16 groups per tile cost a tenth of the matvec.)
+inline void decode_meta_block(const LayerView& L, StatStream& st, int64_t first) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(st.meta);
+  const int64_t G = L.n_groups, count = min64(kMetaBlock, L.n_chunks - first);
+  const __mmask16 chunks_live = static_cast<__mmask16>((1u << count) - 1u);
+  static_assert(spqr_hf::kMetaStep == 0 && spqr_hf::kMetaZero == 1, "step in the low half of each pair");
+  for (int64_t j0 = 0; j0 < G; j0 += 16) {
+    const int64_t groups = min64(16, G - j0);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < groups ? _mm512_maskz_loadu_epi32(chunks_live, pairs + (j0 + i) * L.n_chunks + first)
+                        : _mm512_setzero_si512();
+    transpose16(r);  // r[t] = the pairs of chunk first + t in groups j0 .. j0 + 15
+    const __mmask16 groups_live = static_cast<__mmask16>((1u << groups) - 1u);
+    for (int64_t t = 0; t < count; ++t) {
+      const __m512 step = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(r[t])), _mm512_set1_ps(st.mult));
+      const __m512 zero = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r[t], 16)));
+      _mm512_mask_storeu_ps(st.block_step + t * G + j0, groups_live, step);
+      _mm512_mask_storeu_ps(st.block_bias + t * G + j0, groups_live,
+                            _mm512_fnmadd_ps(zero, step, _mm512_set1_ps(st.offset)));
+    }
+  }
+  st.block_first = first;
+}
+
+// Points st.step / st.bias at chunk `chunk`'s parameters, decoding its block when needed.
+inline void select_chunk(const LayerView& L, StatStream& st, int64_t chunk) {
+  const int64_t first = chunk / kMetaBlock * kMetaBlock;
+  if (first != st.block_first) decode_meta_block(L, st, first);
+  st.step = st.block_step + (chunk - first) * L.n_groups;
+  st.bias = st.block_bias + (chunk - first) * L.n_groups;
+}
+
+inline __m512 transform(const StatStream& st, __m512 t) {
+  return _mm512_fmadd_ps(t, _mm512_set1_ps(st.mult), _mm512_set1_ps(st.offset));
+}
+
+// The transformed statistics (see StatStream) of the tile's 16 rows (lanes) in column group j.
+// Inline fast paths for the common cases (raw float16, or bilevel codes with the tile in one chunk,
+// window inside the buffer); the generic decoder otherwise.
 inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const detail::TileChunks& chunks, int64_t j,
                               int64_t row0) {
   const int64_t total = L.n_groups * st.row_bytes;
   if (st.bits == spqr_hf::kRawStatBits) {
     const int64_t offset = j * st.row_bytes + row0 * 2;
-    if (offset + 32 <= total) return v_half(reinterpret_cast<const uint16_t*>(st.codes + offset)).v;
+    if (offset + 32 <= total) return transform(st, v_half(reinterpret_cast<const uint16_t*>(st.codes + offset)).v);
   } else if (chunks.uniform) {
     const int64_t offset = j * st.row_bytes + row0 * st.bits / 8;  // row0 is a multiple of 16
     __m512 codes;
@@ -311,11 +384,11 @@ inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const de
     } else {
       fast = false;
     }
-    if (fast) return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(st.zero[j])), _mm512_set1_ps(st.step[j]));
+    if (fast) return _mm512_fmadd_ps(codes, _mm512_set1_ps(st.step[j]), _mm512_set1_ps(st.bias[j]));
   }
   alignas(64) float out[kTileRows];
   detail::decode_stat_lanes(st.codes, st.row_bytes, st.meta, st.bits, st.ctl, L, chunks, j, row0, out);
-  return _mm512_load_ps(out);
+  return transform(st, _mm512_load_ps(out));
 }
 
 // Whether the tile's statistics of this stream can take the inline fast path in every group:
@@ -326,44 +399,44 @@ inline bool fast_tile(const StatStream& st, const detail::TileChunks& chunks, in
   return st.bits <= 4 && chunks.uniform && row0 * st.bits / 8 + 8 <= st.row_bytes;
 }
 
-// The statistics of the tile's 16 rows in group j on the fast path (see fast_tile).
+// The transformed statistics of the tile's 16 rows in group j on the fast path (see fast_tile).
 template <bool RAW>
 inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
-  if (RAW) return v_half(reinterpret_cast<const uint16_t*>(st.codes + j * st.row_bytes + row0 * 2)).v;
+  if (RAW) return transform(st, v_half(reinterpret_cast<const uint16_t*>(st.codes + j * st.row_bytes + row0 * 2)).v);
   int64_t window;
   memcpy(&window, st.codes + j * st.row_bytes + row0 * st.bits / 8, sizeof(window));
   const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
-  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(st.zero[j])), _mm512_set1_ps(st.step[j]));
+  return _mm512_fmadd_ps(codes, _mm512_set1_ps(st.step[j]), _mm512_set1_ps(st.bias[j]));
 }
 
-// The tile's per-group terms from stat(j, s, z), the scales and zero points of its 16 rows (lanes)
-// in group j. Codes enter the dot products as 1 + c / 2^bits, so the dot loops get the scales
-// times 2^bits, pair-expanded (s_a, s_a, s_b, s_b per row pair, see add_scaled), and the
-// zero-point terms get scale_zero[j] = s (z + 2^bits).
+// The tile's per-group terms from stat(j, s, z), the transformed scales s = 2^bits * scale and
+// zero points z = zero + 2^bits of its 16 rows (lanes) in group j (codes enter the dot products as
+// 1 + c / 2^bits): the scales pair-expanded for the dot loops (s_a, s_a, s_b, s_b per row pair, see
+// add_scaled), and scale_zero[j] = s * z for the zero-point terms (the activation group sums
+// carry the 2^-bits).
 template <class Stat>
 inline void tile_terms(const LayerView& L, Stat&& stat, float* scales, float* scale_zero) {
   const __m512i pairs_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
-  const __m512 code_offset = _mm512_set1_ps(static_cast<float>(1 << L.bits));
   for (int64_t j = 0; j < L.n_groups; ++j) {
     __m512 s, z;
     stat(j, s, z);
-    _mm512_storeu_ps(scale_zero + j * kTileRows, _mm512_mul_ps(s, _mm512_add_ps(z, code_offset)));
-    const __m512 scaled = _mm512_mul_ps(s, code_offset);  // exact: a power of two
-    _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, scaled));
-    _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, scaled));
+    _mm512_storeu_ps(scale_zero + j * kTileRows, _mm512_mul_ps(s, z));
+    _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, s));
+    _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, s));
   }
 }
 
 template <bool RAW_SCALE, bool RAW_ZERO>
 inline void tile_terms(const LayerView& L, const StatStream& scale, const StatStream& zero, int64_t row0,
                        float* scales, float* scale_zero) {
+  const StatStream sc = scale, zc = zero;  // local copies: the compiler need not reload them after each store
   tile_terms(
       L,
       [&](int64_t j, __m512& s, __m512& z) {
-        s = fast_statistics<RAW_SCALE>(scale, j, row0);
-        z = fast_statistics<RAW_ZERO>(zero, j, row0);
+        s = fast_statistics<RAW_SCALE>(sc, j, row0);
+        z = fast_statistics<RAW_ZERO>(zc, j, row0);
       },
       scales, scale_zero);
 }
@@ -416,12 +489,12 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
   // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
-  // its second-level parameters, two padded code rows, group sums [n_vectors][G], tile dot products
+  // the second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G], tile dot products
   // and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16], then the 64-byte
   // aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
   float* scales = scratch;
-  float* tile_meta = scales + G * 2 * kTileRows;  // 4 * G <= n_padded floats: step, zero of both streams
-  uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + n_padded);
+  float* tile_meta = scales + G * 2 * kTileRows;  // [2 streams][step, bias][kMetaBlock][G]
+  uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + 4 * kMetaBlock * G);
   float* sums = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
   float* dots = sums + n_vectors * G;
   float* zero_terms = dots + n_vectors * kTileRows;
@@ -431,17 +504,19 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
 
   const bool has_lo = split_activations(L, xp, n_vectors, hi, lo, sums);
   const Tables t = make_tables(L.bits);
-  const StatStream scale_stream = stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, tile_meta);
-  const StatStream zero_stream =
-      stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, tile_meta + 2 * G);
+  const float code_offset = static_cast<float>(1 << L.bits);
+  StatStream scale_stream =
+      stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, code_offset, 0.0f, tile_meta);
+  StatStream zero_stream = stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, 1.0f, code_offset,
+                                       tile_meta + 2 * kMetaBlock * G);
   bool ok = true;
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
     const int64_t tile_end = min64(row0 + kTileRows, row_end);
     // Statistics of the tile, one column group at a time with the 16 rows in vector lanes.
     const detail::TileChunks chunks = detail::tile_chunks(L, row0);
     if (chunks.uniform) {
-      if (L.scale_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, scale_stream, chunks.chunk[0]);
-      if (L.zero_bits != spqr_hf::kRawStatBits) decode_tile_meta(L, zero_stream, chunks.chunk[0]);
+      if (L.scale_bits != spqr_hf::kRawStatBits) select_chunk(L, scale_stream, chunks.chunk[0]);
+      if (L.zero_bits != spqr_hf::kRawStatBits) select_chunk(L, zero_stream, chunks.chunk[0]);
     }
     float* scale_zero = zero_terms + n_vectors * kTileRows;  // [G][16], see tile_terms
     const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);

@@ -115,20 +115,30 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
   // Indices: perm values and the CSR row pointer (outlier columns are checked as they are used).
   const uint16_t* perm_u = reinterpret_cast<const uint16_t*>(pm.data_ptr<int16_t>());
-  for (int64_t k = 0; k < n; ++k)
-    TORCH_CHECK(perm_u[k] < n, "spqr_linear: 'perm' holds column ", perm_u[k], " >= in_features=", n,
-                " (corrupted checkpoint?)");
+  uint16_t largest = 0;  // one check after a loop that vectorises: this runs on every call
+  for (int64_t k = 0; k < n; ++k) largest = std::max(largest, perm_u[k]);
+  TORCH_CHECK(largest < n, "spqr_linear: 'perm' holds column ", largest, " >= in_features=", n,
+              " (corrupted checkpoint?)");
   const int32_t* row_ptr = rp.data_ptr<int32_t>();
   TORCH_CHECK(row_ptr[0] == 0 && row_ptr[m] == nnz, "spqr_linear: 'outlier_row_ptr' must start at 0 and end at nnz=",
               nnz, ", got ", row_ptr[0], " and ", row_ptr[m], " (corrupted checkpoint?)");
-  for (int64_t i = 0; i < m; ++i)
-    TORCH_CHECK(row_ptr[i] <= row_ptr[i + 1], "spqr_linear: 'outlier_row_ptr' decreases at row ", i,
-                " (corrupted checkpoint?)");
+  bool monotone = true;
+  for (int64_t i = 0; i < m; ++i) monotone &= row_ptr[i] <= row_ptr[i + 1];
+  if (!monotone)
+    for (int64_t i = 0; i < m; ++i)
+      TORCH_CHECK(row_ptr[i] <= row_ptr[i + 1], "spqr_linear: 'outlier_row_ptr' decreases at row ", i,
+                  " (corrupted checkpoint?)");
 
   const int64_t n_padded = round_up(n, kBlockCols);
   const int64_t effective_group = std::min(groupsize, n);
+  // lane_group[k] = min(k, n - 1) / effective_group, filled group by group (a division per column
+  // cost several microseconds per call, more than a small layer's whole matvec).
   std::vector<int32_t> lane_group(n_padded);
-  for (int64_t k = 0; k < n_padded; ++k) lane_group[k] = static_cast<int32_t>(std::min(k, n - 1) / effective_group);
+  const int32_t last_group = static_cast<int32_t>((n - 1) / effective_group);
+  for (int32_t j = 0; j <= last_group; ++j)
+    std::fill(lane_group.begin() + j * effective_group,
+              lane_group.begin() + std::min<int64_t>((j + 1) * effective_group, n), j);
+  std::fill(lane_group.begin() + n, lane_group.end(), last_group);
 
   LayerView L{};
   L.qweight = reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());

@@ -134,6 +134,29 @@ def test_llama_like_layer(isa, batch):
         assert_close_to_reference(run_op(x, packed), x, packed, None)
 
 
+@pytest.mark.parametrize("qq_groupsize", [16, 32])
+def test_many_second_level_chunks(isa, qq_groupsize):
+    """Tall layers span several blocks of second-level chunks (the avx512bf16 path decodes 16 at a time)."""
+    gen = torch.Generator().manual_seed(8)
+    packed = random_packed(gen, 600, 160, bits=3, groupsize=16, qq_groupsize=qq_groupsize, stat_bits=3,
+                           outlier_fraction=0.01)
+    for batch in (1, 3):
+        x = torch.randn(batch, 160, generator=gen)
+        assert_close_to_reference(run_op(x, packed), x, packed, None)
+
+
+def test_kernels_write_scratch_before_reading_it():
+    """Per-thread scratch is reused between calls, never cleared: with SPQR_HF_POISON_SCRATCH=1 it is
+    filled with NaN before every call, and the reference comparisons of every path must still pass."""
+    env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
+    selection = "matches_float64_reference or llama_like_layer or many_second_level_chunks"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
 def test_leading_shapes_noncontiguous_input_and_bias_dtypes():
     gen = torch.Generator().manual_seed(3)
     packed = random_packed(gen, 40, 48, bits=4, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.02)

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,18 @@ constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use 
 constexpr int64_t kGemmTileBytes = int64_t(4) << 20;  // dequantised rows per GEMM call (fits L3)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The calling thread's kernel scratch, kept between calls: a decode step makes ~150 small calls,
+// and allocating and clearing up to a megabyte for each showed in their time. The kernels write
+// every scratch float before reading it; SPQR_HF_POISON_SCRATCH=1 fills it with NaN on every call
+// so that the tests catch any that does not (tests/test_cpu_kernels.py).
+float* thread_scratch(int64_t floats) {
+  static const bool poison = std::getenv("SPQR_HF_POISON_SCRATCH") != nullptr;
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
+  if (poison) std::fill(buffer.begin(), buffer.end(), std::nanf(""));
+  return buffer.data();
+}
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), "spqr_linear: packed tensor '", name, "' is on ", t.device(),
@@ -180,9 +194,9 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const float* xp_ptr = xp.data_ptr<float>();
     float* y_ptr = y.data_ptr<float>();
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(scratch_floats(L, batch));
+      float* scratch = thread_scratch(scratch_floats(L, batch));
       if (!kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m),
-                          scratch.data()))
+                          scratch))
         ok = false;
     });
   } else {
@@ -200,14 +214,14 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
       const int64_t rows = std::min(tile_rows, m - row0);
       at::parallel_for(0, num_groups(rows, kTileRows), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch(scratch_floats(L, 0));
+        float* scratch = thread_scratch(scratch_floats(L, 0));
         const int64_t first = row0 + begin * kTileRows, last = std::min(row0 + end * kTileRows, row0 + rows);
         const bool tile_ok =
             use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
                                                    (first - row0) * n_padded,
-                                            n_padded, first, last, scratch.data())
+                                            n_padded, first, last, scratch)
                      : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (first - row0) * n_padded, n_padded, first,
-                                           last, scratch.data());
+                                           last, scratch);
         if (!tile_ok) ok = false;
       });
       y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));

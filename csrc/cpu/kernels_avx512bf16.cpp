@@ -39,7 +39,8 @@ using detail::min64;
 
 constexpr int64_t kAheadRows = 4;  // rows ahead of the current pair whose codes are prefetched
 constexpr int64_t kMaxBatchVectors = 8;
-constexpr int64_t kMetaBlock = 16;  // second-level chunks decoded together (decode_meta_block)  // activation vectors per call (ops.cpp sends at most 8 to matvec)
+constexpr int64_t kMetaBlock = 16;
+constexpr int64_t kPanelBlocks = 64;  // 16-column blocks per column panel of the dot loops (see dot_tile)  // second-level chunks decoded together (decode_meta_block)  // activation vectors per call (ops.cpp sends at most 8 to matvec)
 
 // Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
 inline bool covers(const LayerView& L) {
@@ -180,18 +181,22 @@ inline void add_scaled(const float* s, const __m512 (&dp)[NV], __m512 (&acc)[NV]
   for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(dp[v], s_pair, acc[v]);
 }
 
-// dots[v * 16 + lane (+1)] = sum_j s_ij * (sum_{k in group j} c_ik x_vk) for the rows in lanes
-// `lane` and `lane + 1` of the tile, whose packed codes start at a and b. Two accumulator chains
-// (even and odd groups) hide the FMA latency.
+// sum[v] += sum_{j0 <= j < j1} s_ij * (sum_{k in group j} c_ik x_vk) in the lanes of the rows in
+// lanes `lane` and `lane + 1` of the tile (see add_scaled), whose packed codes start at a and b.
+// Two accumulator chains (even and odd groups) hide the FMA latency.
 template <int NV, bool LO>
 inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, const uint8_t* b, const uint16_t* hi,
-                         const uint16_t* lo, const float* scales, int lane, float* dots) {
+                         const uint16_t* lo, const float* scales, int lane, int64_t j0, int64_t j1,
+                         __m512 (&sum)[NV]) {
   const int64_t n_blocks = L.n_padded / kBlockCols, G = L.n_groups;
   const int64_t block_bytes = 2 * L.bits;  // 16 codes
   const int64_t vec_stride = n_blocks * 32;
   const float* s = scales + 2 * lane;  // pair lane / 2 of each group's 32 expanded scales
   __m512 acc0[NV], acc1[NV], dp[NV];
-  for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+  for (int v = 0; v < NV; ++v) {
+    acc0[v] = sum[v];
+    acc1[v] = _mm512_setzero_ps();
+  }
   if (L.groupsize == kBlockCols && G == n_blocks) {  // groups of 16: one block per group
     // Eight groups per iteration: one masked 64-byte load of each row, VPERMT2B picks each block's
     // 64-bit windows out of them (fewer loads than two broadcasts per block), and the lines
@@ -210,8 +215,8 @@ inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, 
       const __m512i base = _mm512_load_si512(first);
       for (int u = 0; u < 8; ++u) pick[u] = _mm512_add_epi8(base, _mm512_set1_epi8(static_cast<char>(u * block_bytes)));
     }
-    int64_t j = 0;
-    for (; j + 8 <= G; j += 8) {
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
       _mm_prefetch(reinterpret_cast<const char*>(a + ahead + j * block_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + ahead + j * block_bytes), _MM_HINT_T0);
       const __m512i ra = _mm512_maskz_loadu_epi8(window, a + j * block_bytes);
@@ -225,29 +230,44 @@ inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, 
       group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[6], rb)), j + 6, acc0);
       group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[7], rb)), j + 7, acc1);
     }
-    for (; j < G; ++j) group(block_codes(t, a + j * block_bytes, b + j * block_bytes), j, j % 2 ? acc1 : acc0);
+    for (; j < j1; ++j) group(block_codes(t, a + j * block_bytes, b + j * block_bytes), j, j % 2 ? acc1 : acc0);
   } else {
     const int64_t per_group = G == 1 ? n_blocks : L.groupsize / kBlockCols;
-    for (int64_t j = 0; j < G; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       group_dots<NV, LO>(t, a, b, block_bytes, j * per_group, min64((j + 1) * per_group, n_blocks), hi, lo,
                          vec_stride, dp);
       add_scaled<NV>(s + j * 2 * kTileRows, dp, j % 2 ? acc1 : acc0);
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const __m512 sum = _mm512_add_ps(acc0[v], acc1[v]);
-    dots[v * kTileRows + lane] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowALanes, sum));
-    dots[v * kTileRows + lane + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowBLanes, sum));
-  }
+  for (int v = 0; v < NV; ++v) sum[v] = _mm512_add_ps(acc0[v], acc1[v]);
 }
 
+// dots[v * 16 + lane] = the dot products of the tile's rows. The columns are walked in panels of
+// about kPanelBlocks blocks, all row pairs of the tile per panel, so that the panel's activations
+// and scales stay in L1 while the eight pairs read them (whole rows at a time did not fit for wide
+// layers: 15.5 instead of 24 Gweights/s at 11008 columns).
 template <int NV, bool LO>
 inline void dot_tile(const LayerView& L, const Tables& t, int64_t row0, int64_t tile_end, const uint16_t* hi,
                      const uint16_t* lo, const float* scales, uint8_t* row_copy, float* dots) {
+  const int64_t n_blocks = L.n_padded / kBlockCols, G = L.n_groups;
+  const int64_t blocks_per_group = G == 1 ? n_blocks : L.groupsize / kBlockCols;
+  const int64_t panel = blocks_per_group >= kPanelBlocks ? 1 : kPanelBlocks / blocks_per_group;  // groups
+  __m512 sums[kTileRows / 2][NV];
+  for (auto& pair : sums)
+    for (auto& v : pair) v = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < G; j0 += panel)
+    for (int64_t row = row0; row < tile_end; row += 2) {
+      const uint8_t* base[2];
+      detail::row_bases<2>(L, row, row_copy, base);  // a lone last row pairs with zero-padded codes
+      const int lane = static_cast<int>(row - row0);
+      dot_row_pair<NV, LO>(L, t, base[0], base[1], hi, lo, scales, lane, j0, min64(j0 + panel, G), sums[lane / 2]);
+    }
   for (int64_t row = row0; row < tile_end; row += 2) {
-    const uint8_t* base[2];
-    detail::row_bases<2>(L, row, row_copy, base);  // a lone last row pairs with zero-padded codes
-    dot_row_pair<NV, LO>(L, t, base[0], base[1], hi, lo, scales, static_cast<int>(row - row0), dots);
+    const int lane = static_cast<int>(row - row0);
+    for (int v = 0; v < NV; ++v) {
+      dots[v * kTileRows + lane] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowALanes, sums[lane / 2][v]));
+      dots[v * kTileRows + lane + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowBLanes, sums[lane / 2][v]));
+    }
   }
 }
 

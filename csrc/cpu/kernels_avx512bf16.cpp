@@ -37,44 +37,60 @@ namespace bf16 {
 
 using detail::min64;
 
-constexpr int64_t kAheadRows = 4;  // rows ahead of the current pair whose codes are prefetched
-constexpr int64_t kMaxBatchVectors = 8;
-constexpr int64_t kMetaBlock = 16;
-constexpr int64_t kPanelBlocks = 64;  // 16-column blocks per column panel of the dot loops (see dot_tile)  // second-level chunks decoded together (decode_meta_block)  // activation vectors per call (ops.cpp sends at most 8 to matvec)
+constexpr int kAheadPairs = 12;  // row pairs (in the order dot_tile visits them) whose codes are prefetched
+constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
+constexpr int64_t kMetaBlock = 16;  // second-level chunks decoded together (decode_meta_block)
+constexpr int64_t kPanelBlocks = 64;  // 16-column blocks per column panel of the dot loops (see dot_tile)
 
 // Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
 inline bool covers(const LayerView& L) {
   return L.bits <= 4 && (L.n_groups == 1 || L.groupsize % kBlockCols == 0);
 }
 
-// A 512-bit register holds 16 codes of two rows a and b: qword q takes row (q % 2)'s 64-bit load
-// and yields its codes 4 * (q / 2) + i, i < 4, in 16-bit words 4q + i. VDPBF16PS lane l sums words
-// 2l and 2l + 1, so lanes {0, 1, 4, 5, 8, 9, 12, 13} belong to row a and the others to row b, and a
-// per-row scale is one 128-bit broadcast of (s_a, s_a, s_b, s_b).
-constexpr __mmask16 kRowALanes = 0x3333, kRowBLanes = 0xCCCC;
-constexpr __mmask8 kRowBQwords = 0xAA;
+// A 512-bit register holds the 16 codes of one block of two rows a and b. VDPBF16PS lane l sums
+// 16-bit words 2l and 2l + 1; even lanes belong to row a, odd lanes to row b, and lanes 2p, 2p + 1
+// both cover columns 2p and 2p + 1 of the block. So a pair's scales are one 64-bit broadcast of
+// (s_a, s_b), straight from the tile's scales in row order. Qword q (lanes 2q, 2q + 1) gets from
+// VPERMT2B the two bytes of each row that hold columns 2q and 2q + 1 (row a's in bytes 0-1, row b's
+// in bytes 2-3), and VPMULTISHIFTQB extracts the four codes from them.
+constexpr __mmask16 kRowALanes = 0x5555, kRowBLanes = 0xAAAA;
 
-// Word w of a register <- activation (or code) 4 * (w / 8) + w % 4 of the block (see above).
-inline int block_position(int w) { return 4 * (w / 8) + w % 4; }
+// Word w of a register <- the activation (or the code, in row word_row(w)) of column word_column(w).
+inline int word_column(int w) { return 2 * (w / 4) + w % 2; }
+inline int word_row(int w) { return (w / 2) % 2; }
+// The first of the bytes of a row's block that qword q reads (columns 2q and 2q + 1).
+inline int qword_first_byte(int q, int bits) { return 2 * q * bits / 8; }
 
 // A code c becomes the bfloat16 1 + c / 2^bits: its bits are placed at the top of the mantissa
 // under the exponent of 1.0 (VPMULTISHIFTQB brings them there, one VPTERNLOGD masks the
 // neighbouring codes and sets the exponent). Exact, and a dot product of these values with x is
 // X + (sum_k c_k x_k) / 2^bits, with X the sum of x over the block.
 struct Tables {
-  __m512i extract;  // VPMULTISHIFTQB control: code block_position(w) at bits [7 - bits, 7) of word w
+  __m512i pick;  // VPERMT2B control over (row a's bytes, row b's bytes) of block 0 (see above)
+  __m512i extract;  // VPMULTISHIFTQB control: the code of word w at bits [7 - bits, 7) of its low byte
   __m512i mantissa;  // the code's bits within each word
   __m512i one;  // bfloat16 1.0 in each word
+  int block_bytes;  // 16 codes
 };
 
 inline Tables make_tables(int bits) {
+  const int block_bytes = 2 * bits;
+  alignas(64) uint8_t pick[64];
   alignas(64) uint8_t extract[64];
+  for (int q = 0; q < 8; ++q)
+    for (int i = 0; i < 8; ++i) {  // bytes 4-7 of each qword repeat 0-3 (unused)
+      const int byte = qword_first_byte(q, bits) + i % 2;  // the second byte is unused when past the block
+      pick[8 * q + i] = static_cast<uint8_t>((i % 4 < 2 ? 0 : 64) + (byte < block_bytes ? byte : block_bytes - 1));
+    }
   for (int w = 0; w < 32; ++w) {
-    const int first = block_position(w) * bits - (7 - bits);  // may wrap around the qword: masked anyway
+    const int q = w / 4;
+    const int bit = word_column(w) * bits - 8 * qword_first_byte(q, bits) + 16 * word_row(w);
+    const int first = bit - (7 - bits);  // may wrap around the qword: bits below the code are masked anyway
     extract[2 * w] = extract[2 * w + 1] = static_cast<uint8_t>(first & 63);
   }
-  return {_mm512_load_si512(extract), _mm512_set1_epi16(static_cast<int16_t>(((1 << bits) - 1) << (7 - bits))),
-          _mm512_set1_epi16(0x3F80)};
+  return {_mm512_load_si512(pick), _mm512_load_si512(extract),
+          _mm512_set1_epi16(static_cast<int16_t>(((1 << bits) - 1) << (7 - bits))), _mm512_set1_epi16(0x3F80),
+          block_bytes};
 }
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
@@ -82,7 +98,7 @@ inline __m256i as_i(__m256bh v) { return reinterpret_cast<__m256i&>(v); }
 
 inline __m512 bf16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-// hi/lo[(v * n_blocks + b) * 32 + w] = activation block_position(w) of block b of vector v, as
+// hi/lo[(v * n_blocks + b) * 32 + w] = activation word_column(w) of block b of vector v, as
 // bfloat16 hi and lo parts, and sums[v * G + j] = X_vj / 2^bits, with X_vj the float32 sum of hi + lo
 // over group j (of the split values, so that the 1 in each code's 1 + c / 2^bits cancels to float32
 // rounding; the exact 2^-bits turns tile_terms' s * z into the zero-point term's scale * (zero + 2^bits)).
@@ -92,7 +108,7 @@ inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vec
   const int64_t n_blocks = L.n_padded / kBlockCols;
   const int64_t blocks_per_group = L.n_groups == 1 ? n_blocks : L.groupsize / kBlockCols;
   alignas(64) uint16_t order[32];
-  for (int w = 0; w < 32; ++w) order[w] = static_cast<uint16_t>(block_position(w));
+  for (int w = 0; w < 32; ++w) order[w] = static_cast<uint16_t>(word_column(w));
   const __m512i arrange = _mm512_load_si512(order);
   __mmask16 any_lo = 0;
   for (int64_t v = 0; v < n_vectors; ++v) {
@@ -113,19 +129,17 @@ inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vec
   return any_lo != 0;
 }
 
-// The 32 bfloat16 values of a register whose even qwords hold row a's 64-bit window of a block and
-// whose odd qwords hold row b's (the register order above).
-inline __m512bh pair_codes(const Tables& t, __m512i both) {
-  const __m512i words = _mm512_multishift_epi64_epi8(t.extract, both);
+// The 32 bfloat16 values of a block of rows a and b whose bytes start at ra and rb, in the register
+// order above, given pick = t.pick advanced to the block.
+inline __m512bh pair_codes(const Tables& t, __m512i ra, __m512i pick, __m512i rb) {
+  const __m512i words = _mm512_multishift_epi64_epi8(t.extract, _mm512_permutex2var_epi8(ra, pick, rb));
   return as_bh(_mm512_ternarylogic_epi32(words, t.mantissa, t.one, 0xEA));  // (words & mantissa) | one
 }
 
 // Codes of one 16-column block of rows a and b as 32 bfloat16 values, in the register order above.
 inline __m512bh block_codes(const Tables& t, const uint8_t* a, const uint8_t* b) {
-  int64_t wa, wb;
-  memcpy(&wa, a, sizeof(wa));
-  memcpy(&wb, b, sizeof(wb));
-  return pair_codes(t, _mm512_mask_set1_epi64(_mm512_set1_epi64(wa), kRowBQwords, wb));
+  const __mmask64 bytes = (uint64_t(1) << t.block_bytes) - 1;
+  return pair_codes(t, _mm512_maskz_loadu_epi8(bytes, a), t.pick, _mm512_maskz_loadu_epi8(bytes, b));
 }
 
 inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
@@ -174,10 +188,12 @@ inline void block_dots(__m512bh c, const uint16_t* hi, const uint16_t* lo, int64
   }
 }
 
-// acc += dp * (the scales of rows a and b in their lanes); s = (s_a, s_a, s_b, s_b).
+// acc += dp * (the scales of rows a and b in their lanes); s = (s_a, s_b).
 template <int NV>
 inline void add_scaled(const float* s, const __m512 (&dp)[NV], __m512 (&acc)[NV]) {
-  const __m512 s_pair = _mm512_broadcast_f32x4(_mm_loadu_ps(s));
+  double pair;
+  memcpy(&pair, s, sizeof(pair));
+  const __m512 s_pair = _mm512_castpd_ps(_mm512_set1_pd(pair));
   for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(dp[v], s_pair, acc[v]);
 }
 
@@ -187,48 +203,41 @@ inline void add_scaled(const float* s, const __m512 (&dp)[NV], __m512 (&acc)[NV]
 template <int NV, bool LO>
 inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, const uint8_t* b, const uint16_t* hi,
                          const uint16_t* lo, const float* scales, int lane, int64_t j0, int64_t j1,
-                         __m512 (&sum)[NV]) {
+                         const uint8_t* const (&later)[2], __m512 (&sum)[NV]) {
   const int64_t n_blocks = L.n_padded / kBlockCols, G = L.n_groups;
   const int64_t block_bytes = 2 * L.bits;  // 16 codes
   const int64_t vec_stride = n_blocks * 32;
-  const float* s = scales + 2 * lane;  // pair lane / 2 of each group's 32 expanded scales
+  const float* s = scales + lane;  // (s_a, s_b) in each group's 16 scales
   __m512 acc0[NV], acc1[NV], dp[NV];
   for (int v = 0; v < NV; ++v) {
     acc0[v] = sum[v];
     acc1[v] = _mm512_setzero_ps();
   }
   if (L.groupsize == kBlockCols && G == n_blocks) {  // groups of 16: one block per group
-    // Eight groups per iteration: one masked 64-byte load of each row, VPERMT2B picks each block's
-    // 64-bit windows out of them (fewer loads than two broadcasts per block), and the lines
-    // kAheadRows rows further on, which the row pair after next will read, are requested.
-    const int64_t ahead = kAheadRows * L.qweight_row_bytes;
+    // Eight groups per iteration: one masked load of each row's 8 blocks, VPERMT2B picks each block's
+    // bytes out of them, and the matching lines of the rows `later` (a later pair's codes for the
+    // same span of groups) are requested.
     const auto group = [&](__m512bh codes, int64_t j, __m512 (&acc)[NV]) {
       block_dots<NV, LO>(codes, hi + j * 32, lo + j * 32, vec_stride, dp);
-      add_scaled<NV>(s + j * 2 * kTileRows, dp, acc);
+      add_scaled<NV>(s + j * kTileRows, dp, acc);
     };
-    const __mmask64 window = (~uint64_t(0)) >> (64 - (7 * block_bytes + 8));  // bytes the 8 blocks read
-    __m512i pick[8];  // byte 8q + i <- row (q % 2)'s byte u * block_bytes + i, from table a | b
-    {
-      alignas(64) uint8_t first[64];
-      for (int q = 0; q < 8; ++q)
-        for (int i = 0; i < 8; ++i) first[8 * q + i] = static_cast<uint8_t>((q % 2) * 64 + i);
-      const __m512i base = _mm512_load_si512(first);
-      for (int u = 0; u < 8; ++u) pick[u] = _mm512_add_epi8(base, _mm512_set1_epi8(static_cast<char>(u * block_bytes)));
-    }
+    const __mmask64 window = (~uint64_t(0)) >> (64 - 8 * block_bytes);  // the bytes of 8 blocks
+    __m512i pick[8];  // t.pick advanced to block u of the window
+    for (int u = 0; u < 8; ++u) pick[u] = _mm512_add_epi8(t.pick, _mm512_set1_epi8(static_cast<char>(u * block_bytes)));
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(a + ahead + j * block_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + ahead + j * block_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(later[0] + (j - j0) * block_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(later[1] + (j - j0) * block_bytes), _MM_HINT_T0);
       const __m512i ra = _mm512_maskz_loadu_epi8(window, a + j * block_bytes);
       const __m512i rb = _mm512_maskz_loadu_epi8(window, b + j * block_bytes);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[0], rb)), j, acc0);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[1], rb)), j + 1, acc1);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[2], rb)), j + 2, acc0);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[3], rb)), j + 3, acc1);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[4], rb)), j + 4, acc0);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[5], rb)), j + 5, acc1);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[6], rb)), j + 6, acc0);
-      group(pair_codes(t, _mm512_permutex2var_epi8(ra, pick[7], rb)), j + 7, acc1);
+      group(pair_codes(t, ra, pick[0], rb), j, acc0);
+      group(pair_codes(t, ra, pick[1], rb), j + 1, acc1);
+      group(pair_codes(t, ra, pick[2], rb), j + 2, acc0);
+      group(pair_codes(t, ra, pick[3], rb), j + 3, acc1);
+      group(pair_codes(t, ra, pick[4], rb), j + 4, acc0);
+      group(pair_codes(t, ra, pick[5], rb), j + 5, acc1);
+      group(pair_codes(t, ra, pick[6], rb), j + 6, acc0);
+      group(pair_codes(t, ra, pick[7], rb), j + 7, acc1);
     }
     for (; j < j1; ++j) group(block_codes(t, a + j * block_bytes, b + j * block_bytes), j, j % 2 ? acc1 : acc0);
   } else {
@@ -236,7 +245,7 @@ inline void dot_row_pair(const LayerView& L, const Tables& t, const uint8_t* a, 
     for (int64_t j = j0; j < j1; ++j) {
       group_dots<NV, LO>(t, a, b, block_bytes, j * per_group, min64((j + 1) * per_group, n_blocks), hi, lo,
                          vec_stride, dp);
-      add_scaled<NV>(s + j * 2 * kTileRows, dp, j % 2 ? acc1 : acc0);
+      add_scaled<NV>(s + j * kTileRows, dp, j % 2 ? acc1 : acc0);
     }
   }
   for (int v = 0; v < NV; ++v) sum[v] = _mm512_add_ps(acc0[v], acc1[v]);
@@ -255,20 +264,31 @@ inline void dot_tile(const LayerView& L, const Tables& t, int64_t row0, int64_t 
   __m512 sums[kTileRows / 2][NV];
   for (auto& pair : sums)
     for (auto& v : pair) v = _mm512_setzero_ps();
+  const int64_t pairs = (tile_end - row0 + 1) / 2, block_bytes = 2 * L.bits;
   for (int64_t j0 = 0; j0 < G; j0 += panel)
-    for (int64_t row = row0; row < tile_end; row += 2) {
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      const int64_t row = row0 + 2 * pair;
       const uint8_t* base[2];
       detail::row_bases<2>(L, row, row_copy, base);  // a lone last row pairs with zero-padded codes
-      const int lane = static_cast<int>(row - row0);
-      dot_row_pair<NV, LO>(L, t, base[0], base[1], hi, lo, scales, lane, j0, min64(j0 + panel, G), sums[lane / 2]);
+      // The pair visited kAheadPairs visits on (about half a microsecond later, longer than a
+      // DRAM access): later in this panel, in a later one, or in the next tile (assumed full).
+      int64_t ahead = pair + kAheadPairs, later_group = j0, later_row0 = row0, tile_pairs = pairs;
+      while (ahead >= tile_pairs) {
+        ahead -= tile_pairs;
+        later_group += panel;
+        if (later_group >= G) later_group = 0, later_row0 += kTileRows, tile_pairs = kTileRows / 2;
+      }
+      const int64_t later_row = min64(later_row0 + 2 * ahead, L.m - 1);
+      const uint8_t* later_a = L.qweight + later_row * L.qweight_row_bytes + later_group * block_bytes;
+      const uint8_t* const later[2] = {later_a, later_a + L.qweight_row_bytes};  // prefetched only: may pass the end
+      dot_row_pair<NV, LO>(L, t, base[0], base[1], hi, lo, scales, static_cast<int>(2 * pair), j0,
+                           min64(j0 + panel, G), later, sums[pair]);
     }
-  for (int64_t row = row0; row < tile_end; row += 2) {
-    const int lane = static_cast<int>(row - row0);
+  for (int64_t pair = 0; pair < pairs; ++pair)
     for (int v = 0; v < NV; ++v) {
-      dots[v * kTileRows + lane] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowALanes, sums[lane / 2][v]));
-      dots[v * kTileRows + lane + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowBLanes, sums[lane / 2][v]));
+      dots[v * kTileRows + 2 * pair] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowALanes, sums[pair][v]));
+      dots[v * kTileRows + 2 * pair + 1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(kRowBLanes, sums[pair][v]));
     }
-  }
 }
 
 template <bool LO>
@@ -432,25 +452,32 @@ inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
 
 // The tile's per-group terms from stat(j, s, z), the transformed scales s = 2^bits * scale and
 // zero points z = zero + 2^bits of its 16 rows (lanes) in group j (codes enter the dot products as
-// 1 + c / 2^bits): the scales pair-expanded for the dot loops (s_a, s_a, s_b, s_b per row pair, see
-// add_scaled), and scale_zero[j] = s * z for the zero-point terms (the activation group sums
-// carry the 2^-bits).
+// 1 + c / 2^bits): scales[j] = s for the dot loops, and the zero-point terms
+// zero_terms[v] = sum_j s * z * X_vj (the activation group sums carry the 2^-bits): summed here in
+// registers for a single vector (`sums` non-null), else through scale_zero[j] = s * z and
+// tile_zero_terms (stores are what this loop is short of).
 template <class Stat>
-inline void tile_terms(const LayerView& L, Stat&& stat, float* scales, float* scale_zero) {
-  const __m512i pairs_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
+inline void tile_terms(const LayerView& L, Stat&& stat, const float* sums, float* scales, float* scale_zero,
+                       float* zero_terms) {
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains hide the FMA latency
   for (int64_t j = 0; j < L.n_groups; ++j) {
     __m512 s, z;
     stat(j, s, z);
-    _mm512_storeu_ps(scale_zero + j * kTileRows, _mm512_mul_ps(s, z));
-    _mm512_storeu_ps(scales + j * 2 * kTileRows, _mm512_permutexvar_ps(pairs_lo, s));
-    _mm512_storeu_ps(scales + j * 2 * kTileRows + kTileRows, _mm512_permutexvar_ps(pairs_hi, s));
+    _mm512_storeu_ps(scales + j * kTileRows, s);
+    const __m512 sz = _mm512_mul_ps(s, z);
+    if (sums == nullptr)
+      _mm512_storeu_ps(scale_zero + j * kTileRows, sz);
+    else if (j % 2)
+      odd = _mm512_fmadd_ps(sz, _mm512_set1_ps(sums[j]), odd);
+    else
+      even = _mm512_fmadd_ps(sz, _mm512_set1_ps(sums[j]), even);
   }
+  if (sums != nullptr) _mm512_storeu_ps(zero_terms, _mm512_add_ps(even, odd));
 }
 
 template <bool RAW_SCALE, bool RAW_ZERO>
 inline void tile_terms(const LayerView& L, const StatStream& scale, const StatStream& zero, int64_t row0,
-                       float* scales, float* scale_zero) {
+                       const float* sums, float* scales, float* scale_zero, float* zero_terms) {
   const StatStream sc = scale, zc = zero;  // local copies: the compiler need not reload them after each store
   tile_terms(
       L,
@@ -458,7 +485,7 @@ inline void tile_terms(const LayerView& L, const StatStream& scale, const StatSt
         s = fast_statistics<RAW_SCALE>(sc, j, row0);
         z = fast_statistics<RAW_ZERO>(zc, j, row0);
       },
-      scales, scale_zero);
+      sums, scales, scale_zero, zero_terms);
 }
 
 // zero_terms[v * 16 + lane] = sum_j scale_zero[j][lane] * X_vj (four chains hide the FMA latency).
@@ -508,7 +535,7 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   if (!covers(L) || n_vectors > kMaxBatchVectors)
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
-  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][8 pairs][s_a, s_a, s_b, s_b],
+  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16] (room for [G][32]),
   // the second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G], tile dot products
   // and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16], then the 64-byte
   // aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
@@ -540,20 +567,24 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     }
     float* scale_zero = zero_terms + n_vectors * kTileRows;  // [G][16], see tile_terms
     const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
+    const float* one_vector = n_vectors == 1 ? sums : nullptr;  // zero-point terms summed in tile_terms
     if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, true>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+      tile_terms<true, true>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
     else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, false>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+      tile_terms<true, false>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
     else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<false, true>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+      tile_terms<false, true>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
     else if (fast)
-      tile_terms<false, false>(L, scale_stream, zero_stream, row0, scales, scale_zero);
+      tile_terms<false, false>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
     else
-      tile_terms(L, [&](int64_t j, __m512& sc, __m512& z) {
-        sc = tile_statistics(L, scale_stream, chunks, j, row0);
-        z = tile_statistics(L, zero_stream, chunks, j, row0);
-      }, scales, scale_zero);
-    tile_zero_terms(G, n_vectors, scale_zero, sums, zero_terms);
+      tile_terms(
+          L,
+          [&](int64_t j, __m512& sc, __m512& z) {
+            sc = tile_statistics(L, scale_stream, chunks, j, row0);
+            z = tile_statistics(L, zero_stream, chunks, j, row0);
+          },
+          one_vector, scales, scale_zero, zero_terms);
+    if (one_vector == nullptr) tile_zero_terms(G, n_vectors, scale_zero, sums, zero_terms);
     if (has_lo)
       dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
     else

@@ -40,7 +40,8 @@ using detail::min64;
 constexpr int kAheadPairs = 12;  // row pairs (in the order dot_tile visits them) whose codes are prefetched
 constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
 constexpr int64_t kMetaBlock = 16;  // second-level chunks decoded together (decode_meta_block)
-constexpr int64_t kPanelBlocks = 64;  // 16-column blocks per column panel of the dot loops (see dot_tile)
+constexpr int64_t kPanelBlocks = 64;
+constexpr int64_t kStatsAheadTiles = 4;  // tiles ahead whose statistics are prefetched (StatsAhead)  // 16-column blocks per column panel of the dot loops (see dot_tile)
 
 // Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
 inline bool covers(const LayerView& L) {
@@ -431,6 +432,35 @@ inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const de
   return transform(st, _mm512_load_ps(out));
 }
 
+// Statistics are stored group-major ([G][rows]): a tile reads a few bytes from each of G lines far
+// apart, which hardware prefetchers do not follow, so a cold layer would wait on memory G times per
+// tile. tile_terms therefore requests, group by group, the lines a tile kStatsAheadTiles on will
+// read for the first time: a stream's codes when that tile starts a new line of them, and its
+// second-level pairs every 8 chunks (16 pairs fill a line). Into L2: the dot loops sweep L1.
+struct StatsAhead {
+  const char* base[4];
+  int64_t stride[4];
+  int count = 0;
+  void add(const void* p, int64_t stride_bytes) {
+    base[count] = static_cast<const char*>(p);
+    stride[count++] = stride_bytes;
+  }
+  void request(int64_t j) const {
+    for (int k = 0; k < count; ++k) _mm_prefetch(base[k] + j * stride[k], _MM_HINT_T1);
+  }
+};
+
+inline void add_stats_ahead(const LayerView& L, const StatStream& st, int64_t row0, StatsAhead& ahead) {
+  const int64_t later = row0 + kStatsAheadTiles * kTileRows;
+  if (later >= L.m) return;
+  const int64_t tile_bytes = st.bits == spqr_hf::kRawStatBits ? 2 * kTileRows : 2 * st.bits;  // 16 rows
+  const int64_t at = later / kTileRows * tile_bytes;
+  if (tile_bytes >= 64 || at / 64 != (at - tile_bytes) / 64) ahead.add(st.codes + at, st.row_bytes);
+  const int64_t chunk = later / L.qq_groupsize;
+  if (st.meta != nullptr && later % L.qq_groupsize < kTileRows && chunk % 8 == 0)
+    ahead.add(st.meta + 2 * chunk, 4 * L.n_chunks);
+}
+
 // Whether the tile's statistics of this stream can take the inline fast path in every group:
 // raw float16, or codes of <= 4 bits with the tile in one second-level chunk, and the tile's window
 // inside each group's row of the buffer (so inside the buffer). row0 is a multiple of 16.
@@ -457,10 +487,11 @@ inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
 // registers for a single vector (`sums` non-null), else through scale_zero[j] = s * z and
 // tile_zero_terms (stores are what this loop is short of).
 template <class Stat>
-inline void tile_terms(const LayerView& L, Stat&& stat, const float* sums, float* scales, float* scale_zero,
-                       float* zero_terms) {
+inline void tile_terms(const LayerView& L, Stat&& stat, const StatsAhead& ahead, const float* sums, float* scales,
+                       float* scale_zero, float* zero_terms) {
   __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains hide the FMA latency
   for (int64_t j = 0; j < L.n_groups; ++j) {
+    ahead.request(j);
     __m512 s, z;
     stat(j, s, z);
     _mm512_storeu_ps(scales + j * kTileRows, s);
@@ -477,7 +508,8 @@ inline void tile_terms(const LayerView& L, Stat&& stat, const float* sums, float
 
 template <bool RAW_SCALE, bool RAW_ZERO>
 inline void tile_terms(const LayerView& L, const StatStream& scale, const StatStream& zero, int64_t row0,
-                       const float* sums, float* scales, float* scale_zero, float* zero_terms) {
+                       const StatsAhead& ahead, const float* sums, float* scales, float* scale_zero,
+                       float* zero_terms) {
   const StatStream sc = scale, zc = zero;  // local copies: the compiler need not reload them after each store
   tile_terms(
       L,
@@ -485,7 +517,7 @@ inline void tile_terms(const LayerView& L, const StatStream& scale, const StatSt
         s = fast_statistics<RAW_SCALE>(sc, j, row0);
         z = fast_statistics<RAW_ZERO>(zc, j, row0);
       },
-      sums, scales, scale_zero, zero_terms);
+      ahead, sums, scales, scale_zero, zero_terms);
 }
 
 // zero_terms[v * 16 + lane] = sum_j scale_zero[j][lane] * X_vj (four chains hide the FMA latency).
@@ -561,6 +593,9 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     const int64_t tile_end = min64(row0 + kTileRows, row_end);
     // Statistics of the tile, one column group at a time with the 16 rows in vector lanes.
     const detail::TileChunks chunks = detail::tile_chunks(L, row0);
+    StatsAhead ahead;
+    add_stats_ahead(L, scale_stream, row0, ahead);
+    add_stats_ahead(L, zero_stream, row0, ahead);
     if (chunks.uniform) {
       if (L.scale_bits != spqr_hf::kRawStatBits) select_chunk(L, scale_stream, chunks.chunk[0]);
       if (L.zero_bits != spqr_hf::kRawStatBits) select_chunk(L, zero_stream, chunks.chunk[0]);
@@ -569,13 +604,13 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
     const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
     const float* one_vector = n_vectors == 1 ? sums : nullptr;  // zero-point terms summed in tile_terms
     if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, true>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
+      tile_terms<true, true>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
     else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, false>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
+      tile_terms<true, false>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
     else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<false, true>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
+      tile_terms<false, true>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
     else if (fast)
-      tile_terms<false, false>(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
+      tile_terms<false, false>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
     else
       tile_terms(
           L,
@@ -583,7 +618,7 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
             sc = tile_statistics(L, scale_stream, chunks, j, row0);
             z = tile_statistics(L, zero_stream, chunks, j, row0);
           },
-          one_vector, scales, scale_zero, zero_terms);
+          ahead, one_vector, scales, scale_zero, zero_terms);
     if (one_vector == nullptr) tile_zero_terms(G, n_vectors, scale_zero, sums, zero_terms);
     if (has_lo)
       dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);

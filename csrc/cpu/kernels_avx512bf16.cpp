@@ -6,16 +6,22 @@
 // vector instructions per 16 weights) and ends up bound by instruction throughput, far from the
 // memory bandwidth a 3-bit layer needs. Here, for bits <= 4 and groups that are whole 16-column
 // blocks (or one group per row), which covers every configuration the paper recommends:
-//   * codes: one 64-bit load per 16 codes of a row, two rows per 512-bit register; VPMULTISHIFTQB
-//     moves each code to the top of a 16-bit word's bfloat16 mantissa and one VPTERNLOGD makes it
-//     the exact bfloat16 1 + c / 2^bits (the 1 is taken back out through the group sums of x).
+//   * codes: one masked load of 8 blocks of each of two rows, then per block one VPERMT2B (the byte
+//     pairs holding each column pair of both rows), one VPMULTISHIFTQB (each code to the top of a
+//     16-bit word's bfloat16 mantissa) and one VPTERNLOGD make 32 exact bfloat16 values
+//     1 + c / 2^bits, rows a and b in alternate lanes (the 1 is taken back out through the group
+//     sums of x).
 //   * activations: split once per call into bfloat16 hi + lo parts, x = hi + lo + O(2^-17 |x|);
 //     lo is zero (and skipped) for bfloat16 activations.
 //   * VDPBF16PS multiplies 32 codes by 32 activations and adds pairs in float32 (products of two
-//     bfloat16 are exact in float32); the scale is applied once per group and row, the zero point
-//     through the group sums of x, as in the generic kernel:
+//     bfloat16 are exact in float32); the scale is applied once per group and row pair (a 64-bit
+//     broadcast), the zero point through the group sums of x, as in the generic kernel:
 //         y_i = sum_j 2^bits s_ij (sum_{k in group j} (1 + c_ik / 2^bits) x_k)
 //               - sum_j s_ij (z_ij + 2^bits) X_j + outliers_i.
+//   * statistics: decoded per 16-row tile and group with the rows in lanes, second-level
+//     parameters 16 chunks at a time, the 2^bits factors folded in; columns are walked in panels so
+//     a panel's activations and scales stay in L1; codes, statistics and outliers are prefetched
+//     ahead (a cold layer otherwise waits on memory: its statistics are G lines apart).
 // Batched prefill (dequantise + GEMM) and every other layer use the same code as "avx512".
 #include <immintrin.h>
 
@@ -40,10 +46,11 @@ using detail::min64;
 constexpr int kAheadPairs = 12;  // row pairs (in the order dot_tile visits them) whose codes are prefetched
 constexpr int64_t kMaxBatchVectors = 8;  // activation vectors per call (ops.cpp sends at most 8 to matvec)
 constexpr int64_t kMetaBlock = 16;  // second-level chunks decoded together (decode_meta_block)
-constexpr int64_t kPanelBlocks = 64;
-constexpr int64_t kStatsAheadTiles = 4;  // tiles ahead whose statistics are prefetched (StatsAhead)  // 16-column blocks per column panel of the dot loops (see dot_tile)
+constexpr int64_t kPanelBlocks = 64;  // 16-column blocks per column panel of the dot loops (see dot_tile)
+constexpr int64_t kStatsAheadTiles = 4;  // tiles ahead whose statistics are prefetched (StatsAhead)
 
-// Layers this path computes: 16 codes fit one 64-bit load, and each 16-column block is in one group.
+// Layers this path computes: two codes of a row lie in one byte pair, and each 16-column block is
+// in one group.
 inline bool covers(const LayerView& L) {
   return L.bits <= 4 && (L.n_groups == 1 || L.groupsize % kBlockCols == 0);
 }
@@ -120,7 +127,8 @@ inline bool split_activations(const LayerView& L, const float* xp, int64_t n_vec
       const __m512 rest = _mm512_sub_ps(x, bf16_to_float(h));
       const __m256i l = as_i(_mm512_cvtneps_pbh(rest));
       any_lo |= _mm512_cmpneq_ps_mask(rest, _mm512_setzero_ps());
-      sums[v * L.n_groups + b / blocks_per_group] += _mm512_reduce_add_ps(_mm512_add_ps(bf16_to_float(h), bf16_to_float(l)));
+      const __m512 split = _mm512_add_ps(bf16_to_float(h), bf16_to_float(l));
+      sums[v * L.n_groups + b / blocks_per_group] += _mm512_reduce_add_ps(split);
       const int64_t at = (v * n_blocks + b) * 32;
       _mm512_storeu_si512(hi + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(h)));
       _mm512_storeu_si512(lo + at, _mm512_permutexvar_epi16(arrange, _mm512_castsi256_si512(l)));
@@ -335,7 +343,8 @@ inline StatStream stat_stream(const LayerView& L, const uint8_t* codes, int64_t 
   for (int l = 0; l < 16; ++l)
     for (int i = 0; i < 4; ++i) extract[4 * l + i] = static_cast<uint8_t>((l * (bits <= 4 ? bits : 0) + 8 * i) & 63);
   return {codes, row_bytes, meta, bits, make_ctl(bits == spqr_hf::kRawStatBits ? 8 : bits),
-          _mm512_load_si512(extract), mult, offset, tile_meta, tile_meta + kMetaBlock * L.n_groups, -1, nullptr, nullptr};
+          _mm512_load_si512(extract), mult, offset, tile_meta, tile_meta + kMetaBlock * L.n_groups, -1, nullptr,
+          nullptr};
 }
 
 // r[t] <- lane t of every r[i] (a 16 x 16 transpose of 32-bit elements).
@@ -567,10 +576,10 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   if (!covers(L) || n_vectors > kMaxBatchVectors)
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
-  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16] (room for [G][32]),
-  // the second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G], tile dot products
-  // and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16], then the 64-byte
-  // aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
+  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16] (room for [G][32]), the
+  // second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G],
+  // tile dot products and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16],
+  // then the 64-byte aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
   float* scales = scratch;
   float* tile_meta = scales + G * 2 * kTileRows;  // [2 streams][step, bias][kMetaBlock][G]
   uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + 4 * kMetaBlock * G);

@@ -79,13 +79,19 @@ class SpQRLinear(nn.Module):
 
     @property
     def packed(self) -> PackedSpQR:
-        """The packed tensors as a :class:`PackedSpQR` view (no copy)."""
+        """The packed tensors as a :class:`PackedSpQR` view (no copy).
+
+        Built on every forward, so it reads ``_buffers`` directly: ten ``nn.Module.__getattr__``
+        lookups cost more than a small layer's whole native matvec.
+        """
+        buffers = self._buffers
         return PackedSpQR(
-            **{name: getattr(self, name) for name in _INT_FIELDS},
-            qweight=self.qweight, scale_codes=self.scale_codes, zero_codes=self.zero_codes,
-            scale_meta=self.scale_meta, zero_meta=self.zero_meta, perm=self.perm,
-            outlier_row_ptr=self.outlier_row_ptr, outlier_col=self.outlier_col,
-            outlier_delta=self.outlier_delta,
+            self.in_features, self.out_features, self.bits, self.groupsize, self.qq_groupsize,
+            self.scale_bits, self.zero_bits,
+            qweight=buffers["qweight"], scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
+            scale_meta=buffers["scale_meta"], zero_meta=buffers["zero_meta"], perm=buffers["perm"],
+            outlier_row_ptr=buffers["outlier_row_ptr"], outlier_col=buffers["outlier_col"],
+            outlier_delta=buffers["outlier_delta"],
         )
 
     @property
@@ -108,7 +114,7 @@ class SpQRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SpQRLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return spqr_linear(x, self.packed, self.bias)
+        return spqr_linear(x, self.packed, self._buffers["bias"])
 
     def extra_repr(self) -> str:
         return (

@@ -40,7 +40,7 @@ struct LayerView {
 // packed rows, and per activation vector its group sums, a bfloat16 hi/lo copy and a tile of dot
 // products and zero-point terms). Its contents are left over from earlier calls: write before reading.
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  return 7 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
+  return 6 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
          n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
 }
 

@@ -411,30 +411,33 @@ inline __m512 transform(const StatStream& st, __m512 t) {
   return _mm512_fmadd_ps(t, _mm512_set1_ps(st.mult), _mm512_set1_ps(st.offset));
 }
 
+// The transformed statistics of the tile's 16 rows in group j, read inline: the caller has checked
+// that the window is inside the buffer and, for codes, that the tile is in one chunk (fast_tile).
+template <bool RAW>
+inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
+  if (RAW) return transform(st, v_half(reinterpret_cast<const uint16_t*>(st.codes + j * st.row_bytes + row0 * 2)).v);
+  int64_t window;
+  memcpy(&window, st.codes + j * st.row_bytes + row0 * st.bits / 8, sizeof(window));
+  const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
+  return _mm512_fmadd_ps(codes, _mm512_set1_ps(st.step[j]), _mm512_set1_ps(st.bias[j]));
+}
+
 // The transformed statistics (see StatStream) of the tile's 16 rows (lanes) in column group j.
-// Inline fast paths for the common cases (raw float16, or bilevel codes with the tile in one chunk,
-// window inside the buffer); the generic decoder otherwise.
+// The inline decoders of fast_statistics where the window is inside the buffer (raw float16, or
+// codes of <= 4 bits with the tile in one chunk), the 16-byte generic unpacking for wider codes,
+// the generic decoder otherwise.
 inline __m512 tile_statistics(const LayerView& L, const StatStream& st, const detail::TileChunks& chunks, int64_t j,
                               int64_t row0) {
   const int64_t total = L.n_groups * st.row_bytes;
   if (st.bits == spqr_hf::kRawStatBits) {
-    const int64_t offset = j * st.row_bytes + row0 * 2;
-    if (offset + 32 <= total) return transform(st, v_half(reinterpret_cast<const uint16_t*>(st.codes + offset)).v);
+    if (j * st.row_bytes + row0 * 2 + 32 <= total) return fast_statistics<true>(st, j, row0);
   } else if (chunks.uniform) {
     const int64_t offset = j * st.row_bytes + row0 * st.bits / 8;  // row0 is a multiple of 16
-    __m512 codes;
-    bool fast = true;
-    if (st.bits <= 4 && offset + 8 <= total) {
-      int64_t window;
-      memcpy(&window, st.codes + offset, sizeof(window));
-      const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
-      codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
-    } else if (offset + 16 <= total) {
-      codes = v_codes(st.codes + offset, st.ctl).v;
-    } else {
-      fast = false;
-    }
-    if (fast) return _mm512_fmadd_ps(codes, _mm512_set1_ps(st.step[j]), _mm512_set1_ps(st.bias[j]));
+    if (st.bits <= 4 && offset + 8 <= total) return fast_statistics<false>(st, j, row0);
+    if (offset + 16 <= total)
+      return _mm512_fmadd_ps(v_codes(st.codes + offset, st.ctl).v, _mm512_set1_ps(st.step[j]),
+                             _mm512_set1_ps(st.bias[j]));
   }
   alignas(64) float out[kTileRows];
   detail::decode_stat_lanes(st.codes, st.row_bytes, st.meta, st.bits, st.ctl, L, chunks, j, row0, out);
@@ -476,17 +479,6 @@ inline void add_stats_ahead(const LayerView& L, const StatStream& st, int64_t ro
 inline bool fast_tile(const StatStream& st, const detail::TileChunks& chunks, int64_t row0) {
   if (st.bits == spqr_hf::kRawStatBits) return row0 * 2 + 32 <= st.row_bytes;
   return st.bits <= 4 && chunks.uniform && row0 * st.bits / 8 + 8 <= st.row_bytes;
-}
-
-// The transformed statistics of the tile's 16 rows in group j on the fast path (see fast_tile).
-template <bool RAW>
-inline __m512 fast_statistics(const StatStream& st, int64_t j, int64_t row0) {
-  if (RAW) return transform(st, v_half(reinterpret_cast<const uint16_t*>(st.codes + j * st.row_bytes + row0 * 2)).v);
-  int64_t window;
-  memcpy(&window, st.codes + j * st.row_bytes + row0 * st.bits / 8, sizeof(window));
-  const __m512i fields = _mm512_multishift_epi64_epi8(st.extract, _mm512_set1_epi64(window));
-  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(fields, _mm512_set1_epi32((1 << st.bits) - 1)));
-  return _mm512_fmadd_ps(codes, _mm512_set1_ps(st.step[j]), _mm512_set1_ps(st.bias[j]));
 }
 
 // The tile's per-group terms from stat(j, s, z), the transformed scales s = 2^bits * scale and
@@ -576,12 +568,12 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   if (!covers(L) || n_vectors > kMaxBatchVectors)
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
   const int64_t G = L.n_groups, n_padded = L.n_padded;
-  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16] (room for [G][32]), the
+  // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16], the
   // second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G],
   // tile dot products and zero-point terms [n_vectors][16] each, the tile's s (z + 2^bits) [G][16],
   // then the 64-byte aligned bfloat16 hi and lo copies [n_vectors][n_padded * 2].
   float* scales = scratch;
-  float* tile_meta = scales + G * 2 * kTileRows;  // [2 streams][step, bias][kMetaBlock][G]
+  float* tile_meta = scales + G * kTileRows;  // [2 streams][step, bias][kMetaBlock][G]
   uint8_t* row_copy = reinterpret_cast<uint8_t*>(tile_meta + 4 * kMetaBlock * G);
   float* sums = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
   float* dots = sums + n_vectors * G;

@@ -145,11 +145,28 @@ def test_many_second_level_chunks(isa, qq_groupsize):
         assert_close_to_reference(run_op(x, packed), x, packed, None)
 
 
+def test_outlier_columns_in_any_order(isa):
+    """The packer writes each row's outlier columns increasing and the fast dequantiser relies on it;
+    a row in another order (the operator takes raw buffers) must take the general path, not be wrong."""
+    gen = torch.Generator().manual_seed(9)
+    packed = random_packed(gen, 48, 200, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.05)
+    cols = layout.from_uint16_storage(packed.outlier_col).clone()
+    row_ptr = packed.outlier_row_ptr.tolist()
+    for row in range(0, packed.out_features, 2):  # every other row reversed
+        cols[row_ptr[row]:row_ptr[row + 1]] = cols[row_ptr[row]:row_ptr[row + 1]].flip(0)
+    assert any(row_ptr[r + 1] - row_ptr[r] > 1 for r in range(0, packed.out_features, 2))
+    packed.outlier_col = layout.to_uint16_storage(cols)
+    for batch in (1, MATVEC_MAX_BATCH + 1, 40):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, 200, generator=gen).to(dtype)
+            assert_close_to_reference(run_op(x, packed), x, packed, None)
+
+
 def test_kernels_write_scratch_before_reading_it():
     """Per-thread scratch is reused between calls, never cleared: with SPQR_HF_POISON_SCRATCH=1 it is
     filled with NaN before every call, and the reference comparisons of every path must still pass."""
     env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
-    selection = "matches_float64_reference or llama_like_layer or many_second_level_chunks"
+    selection = "matches_float64_reference or llama_like_layer or many_second_level_chunks or any_order"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         capture_output=True, text=True, env=env, timeout=900,

@@ -22,9 +22,11 @@
 //     parameters 16 chunks at a time, the 2^bits factors folded in; columns are walked in panels so
 //     a panel's activations and scales stay in L1; codes, statistics and outliers are prefetched
 //     ahead (a cold layer otherwise waits on memory: its statistics are G lines apart).
-// Batched prefill (dequantise + GEMM) and every other layer use the same code as "avx512".
+// Batched prefill dequantises rows with the same code trick (dequant_rows, below) for the same
+// layers; every other layer uses the same code as "avx512".
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -563,6 +565,47 @@ inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* 
   return _mm512_reduce_add_ps(acc);
 }
 
+// The tile's per-group terms (see tile_terms) for the 16 rows from row0, one column group at a time
+// with the rows in vector lanes: the inline decoders where the whole tile can take them, the
+// generic per-group decoding otherwise. Shared by the matvec and the dequantisers.
+inline void tile_statistics_terms(const LayerView& L, StatStream& scale_stream, StatStream& zero_stream, int64_t row0,
+                                  const float* sums, float* scales, float* scale_zero, float* zero_terms) {
+  const detail::TileChunks chunks = detail::tile_chunks(L, row0);
+  StatsAhead ahead;
+  add_stats_ahead(L, scale_stream, row0, ahead);
+  add_stats_ahead(L, zero_stream, row0, ahead);
+  if (chunks.uniform) {
+    if (L.scale_bits != spqr_hf::kRawStatBits) select_chunk(L, scale_stream, chunks.chunk[0]);
+    if (L.zero_bits != spqr_hf::kRawStatBits) select_chunk(L, zero_stream, chunks.chunk[0]);
+  }
+  const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
+  if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
+    tile_terms<true, true>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+  else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
+    tile_terms<true, false>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+  else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
+    tile_terms<false, true>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+  else if (fast)
+    tile_terms<false, false>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+  else
+    tile_terms(
+        L,
+        [&](int64_t j, __m512& sc, __m512& z) {
+          sc = tile_statistics(L, scale_stream, chunks, j, row0);
+          z = tile_statistics(L, zero_stream, chunks, j, row0);
+        },
+        ahead, sums, scales, scale_zero, zero_terms);
+}
+
+// The two statistic streams with the transform the dot loops and dequantisers expect (see
+// tile_terms): scales times 2^bits, zero points plus 2^bits.
+inline void layer_stat_streams(const LayerView& L, float* tile_meta, StatStream& scale, StatStream& zero) {
+  const float code_offset = static_cast<float>(1 << L.bits);
+  scale = stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, code_offset, 0.0f, tile_meta);
+  zero = stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, 1.0f, code_offset,
+                     tile_meta + 2 * kMetaBlock * L.n_groups);
+}
+
 bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, int64_t row_begin,
             int64_t row_end, float* scratch) {
   if (!covers(L) || n_vectors > kMaxBatchVectors)
@@ -584,42 +627,14 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
 
   const bool has_lo = split_activations(L, xp, n_vectors, hi, lo, sums);
   const Tables t = make_tables(L.bits);
-  const float code_offset = static_cast<float>(1 << L.bits);
-  StatStream scale_stream =
-      stat_stream(L, L.scale_codes, L.scale_row_bytes, L.scale_meta, L.scale_bits, code_offset, 0.0f, tile_meta);
-  StatStream zero_stream = stat_stream(L, L.zero_codes, L.zero_row_bytes, L.zero_meta, L.zero_bits, 1.0f, code_offset,
-                                       tile_meta + 2 * kMetaBlock * G);
+  StatStream scale_stream, zero_stream;
+  layer_stat_streams(L, tile_meta, scale_stream, zero_stream);
   bool ok = true;
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
     const int64_t tile_end = min64(row0 + kTileRows, row_end);
-    // Statistics of the tile, one column group at a time with the 16 rows in vector lanes.
-    const detail::TileChunks chunks = detail::tile_chunks(L, row0);
-    StatsAhead ahead;
-    add_stats_ahead(L, scale_stream, row0, ahead);
-    add_stats_ahead(L, zero_stream, row0, ahead);
-    if (chunks.uniform) {
-      if (L.scale_bits != spqr_hf::kRawStatBits) select_chunk(L, scale_stream, chunks.chunk[0]);
-      if (L.zero_bits != spqr_hf::kRawStatBits) select_chunk(L, zero_stream, chunks.chunk[0]);
-    }
     float* scale_zero = zero_terms + n_vectors * kTileRows;  // [G][16], see tile_terms
-    const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
     const float* one_vector = n_vectors == 1 ? sums : nullptr;  // zero-point terms summed in tile_terms
-    if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, true>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
-    else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
-      tile_terms<true, false>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
-    else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
-      tile_terms<false, true>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
-    else if (fast)
-      tile_terms<false, false>(L, scale_stream, zero_stream, row0, ahead, one_vector, scales, scale_zero, zero_terms);
-    else
-      tile_terms(
-          L,
-          [&](int64_t j, __m512& sc, __m512& z) {
-            sc = tile_statistics(L, scale_stream, chunks, j, row0);
-            z = tile_statistics(L, zero_stream, chunks, j, row0);
-          },
-          ahead, one_vector, scales, scale_zero, zero_terms);
+    tile_statistics_terms(L, scale_stream, zero_stream, row0, one_vector, scales, scale_zero, zero_terms);
     if (one_vector == nullptr) tile_zero_terms(G, n_vectors, scale_zero, sums, zero_terms);
     if (has_lo)
       dot_tile_vectors<true>(L, t, n_vectors, row0, tile_end, hi, lo, scales, row_copy, dots);
@@ -635,11 +650,177 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   return ok;
 }
 
+
+// Dequantisation for the batched (GEMM) path, for the layers covers() accepts. Each 16-column block
+// of a row (at most 8 bytes of codes) is broadcast to every 64-bit word, VPMULTISHIFTQB moves code l
+// to the top of dword l's mantissa and VPTERNLOGD sets the exponent of 1.0: the exact float32
+// values u = 1 + c / 2^bits. With the tile's transformed statistics (tile_terms) s' = 2^bits * scale
+// and s'z' = s' * (zero + 2^bits), the weight (c - zero) * scale is one FMA: s' * u - s'z' / 2^bits.
+// About four vector instructions per 16 weights where the generic unpacking and bfloat16
+// rounding took about sixteen.
+struct RowTables {
+  __m512i extract;  // VPMULTISHIFTQB control: code l at bits [23 - bits, 23) of dword l
+  __m512i mantissa;  // the code's bits within each dword
+  __m512i one;  // float32 1.0 in each dword
+};
+
+inline RowTables make_row_tables(int bits) {
+  alignas(64) uint8_t extract[64];
+  for (int l = 0; l < 16; ++l)
+    for (int i = 0; i < 4; ++i)  // only byte 2 matters: the others are masked away
+      extract[4 * l + i] = static_cast<uint8_t>((l * bits - (7 - bits) + 64) & 63);
+  return {_mm512_load_si512(extract), _mm512_set1_epi32(((1 << bits) - 1) << (23 - bits)),
+          _mm512_set1_epi32(0x3F800000)};
+}
+
+// The 16 codes of the block whose bytes start at p as float32 1 + c / 2^bits (reads 8 bytes).
+inline __m512 block_units(const RowTables& t, const uint8_t* p) {
+  int64_t word;
+  memcpy(&word, p, sizeof(word));
+  const __m512i fields = _mm512_multishift_epi64_epi8(t.extract, _mm512_set1_epi64(word));
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(fields, t.mantissa, t.one, 0xEA));  // (f & mantissa) | one
+}
+
+inline void store_weights(float* out, __m512 lo, __m512 hi, bool both) {
+  _mm512_storeu_ps(out, lo);
+  if (both) _mm512_storeu_ps(out + 16, hi);
+}
+
+inline void store_weights(uint16_t* out, __m512 lo, __m512 hi, bool both) {  // rounded to nearest even
+  if (both) {
+    const __m512bh pair = _mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512(out, reinterpret_cast<const __m512i&>(pair));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), as_i(_mm512_cvtneps_pbh(lo)));
+  }
+}
+
+// Dense row `row` of W_perm without its outliers into out[0..n_padded) (float32, or bfloat16
+// rounded to nearest even), 32 columns at a time, zero past n.
+template <class Out>
+inline void dequant_row_codes(const LayerView& L, const RowTables& t, const uint8_t* codes, const float* s,
+                              const float* o, Out* out) {
+  // Locals, not L's fields: the compiler cannot tell that the stores leave them alone.
+  const int64_t n = L.n, n_blocks = L.n_padded / kBlockCols, block_bytes = 2 * L.bits;
+  const int32_t* lane_group = L.lane_group;
+  const bool block_groups = L.n_groups == n_blocks;  // groups of 16: group j is block j
+  const auto weights = [&](int64_t b) {  // the 16 weights of block b
+    const int64_t j = block_groups ? b : lane_group[b * kBlockCols];
+    return _mm512_fmadd_ps(block_units(t, codes + b * block_bytes), _mm512_set1_ps(s[j * kTileRows]),
+                           _mm512_set1_ps(o[j * kTileRows]));
+  };
+  const int64_t whole = n / 32;  // 32-column steps with no column past n
+  for (int64_t i = 0; i < whole; ++i) store_weights(out + 32 * i, weights(2 * i), weights(2 * i + 1), true);
+  for (int64_t k = 32 * whole; k < L.n_padded; k += 32) {  // the last columns: zero past n
+    const int64_t b = k / kBlockCols, live = n - k;
+    const bool both = b + 1 < n_blocks;
+    const __mmask16 lo_live = static_cast<__mmask16>(live >= 16 ? 0xFFFF : (1u << live) - 1u);
+    const __m512 lo = _mm512_maskz_mov_ps(lo_live, weights(b));
+    const __m512 hi = both && live > 16
+                          ? _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << (live - 16)) - 1u), weights(b + 1))
+                          : _mm512_setzero_ps();
+    store_weights(out + k, lo, hi, both);
+  }
+}
+
+// Whether row `row`'s outlier columns increase (as the packer writes them): then no column
+// repeats, and each outlier's weight can be rewritten on its own (set_outlier).
+inline bool outliers_increase(const LayerView& L, int64_t row) {
+  bool increase = true;
+  for (int32_t p = L.outlier_row_ptr[row] + 1; p < L.outlier_row_ptr[row + 1]; ++p)
+    increase &= L.outlier_col[p - 1] < L.outlier_col[p];
+  return increase;
+}
+
+inline void store_weight(float* out, float w) { *out = w; }
+inline void store_weight(uint16_t* out, float w) {
+  *out = as_i(_mm512_cvtneps_pbh(_mm512_set1_ps(w)))[0] & 0xFFFF;
+}
+
+// out[col] = the weight at column col < n recomputed as dequant_row_codes does (the same FMA, so
+// the same float32), plus delta, rounded once.
+template <class Out>
+inline void set_outlier(const LayerView& L, const uint8_t* codes, const float* s, const float* o, int64_t col,
+                        float delta, Out* out) {
+  const int64_t bit = col * L.bits;
+  uint16_t window;
+  memcpy(&window, codes + bit / 8, sizeof(window));  // inside the row's 16-byte read window
+  const int c = (window >> (bit % 8)) & ((1 << L.bits) - 1);
+  const float unit = 1.0f + static_cast<float>(c) / static_cast<float>(1 << L.bits);  // exact, as block_units
+  const int64_t j = L.lane_group[col];
+  store_weight(out + col, std::fma(unit, s[j * kTileRows], o[j * kTileRows]) + delta);
+}
+
+// Rows [row_begin, row_end) of W_perm into dst (row stride ld): float32, or bfloat16 bits.
+template <class Out>
+inline bool dequant_rows(const LayerView& L, Out* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                         float* scratch) {
+  // Scratch (within scratch_floats(L, 0)): the tile's scales [G][16], the second-level parameters of
+  // a block of chunks, the tile's offsets [G][16], one padded code row, one float32 row (for a row
+  // whose outlier columns do not increase).
+  const int64_t G = L.n_groups;
+  float* scales = scratch;
+  float* tile_meta = scales + G * kTileRows;  // [2 streams][step, bias][kMetaBlock][G]
+  float* offsets = tile_meta + 4 * kMetaBlock * G;
+  uint8_t* row_copy = reinterpret_cast<uint8_t*>(offsets + G * kTileRows);
+  float* row_buf = reinterpret_cast<float*>(row_copy) + (2 * (L.qweight_row_bytes + 16)) / 4 + 1;
+  StatStream scale_stream, zero_stream;
+  layer_stat_streams(L, tile_meta, scale_stream, zero_stream);
+  const RowTables t = make_row_tables(L.bits);
+  const __m512 minus_inv = _mm512_set1_ps(-1.0f / static_cast<float>(1 << L.bits));
+  bool ok = true;
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    tile_statistics_terms(L, scale_stream, zero_stream, row0, nullptr, scales, offsets, nullptr);
+    for (int64_t i = 0; i < G * kTileRows; i += kTileRows)  // s'z' -> -s'z' / 2^bits
+      _mm512_storeu_ps(offsets + i, _mm512_mul_ps(_mm512_loadu_ps(offsets + i), minus_inv));
+    for (int64_t row = row0; row < min64(row0 + kTileRows, row_end); ++row) {
+      const uint8_t* codes;
+      detail::row_bases<1>(L, row, row_copy, &codes);
+      const float* s = scales + (row - row0);
+      const float* o = offsets + (row - row0);
+      Out* out = dst + (row - row_begin) * ld;
+      const int32_t first = L.outlier_row_ptr[row], end = L.outlier_row_ptr[row + 1];
+      if (outliers_increase(L, row)) {
+        dequant_row_codes(L, t, codes, s, o, out);
+        for (int32_t p = first; p < end; ++p) {
+          const int64_t col = L.outlier_col[p];
+          if (col < L.n) set_outlier(L, codes, s, o, col, half1(L.outlier_delta[p]), out);
+          ok &= col < L.n;
+        }
+        continue;
+      }
+      dequant_row_codes(L, t, codes, s, o, row_buf);  // float32: add the outliers one by one, round once
+      for (int32_t p = first; p < end; ++p) {
+        const int64_t col = L.outlier_col[p];
+        if (col < L.n) row_buf[col] += half1(L.outlier_delta[p]);
+        ok &= col < L.n;
+      }
+      for (int64_t k = 0; k < L.n_padded; k += 32) {
+        const bool both = k + 16 < L.n_padded;
+        const __m512 hi = both ? _mm512_loadu_ps(row_buf + k + 16) : _mm512_setzero_ps();
+        store_weights(out + k, _mm512_loadu_ps(row_buf + k), hi, both);
+      }
+    }
+  }
+  return ok;
+}
+
+bool dequant_f32(const LayerView& L, float* dst, int64_t ld, int64_t row_begin, int64_t row_end, float* scratch) {
+  if (!covers(L)) return detail::dequant_f32(L, dst, ld, row_begin, row_end, scratch);
+  return dequant_rows(L, dst, ld, row_begin, row_end, scratch);
+}
+
+bool dequant_bf16(const LayerView& L, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                  float* scratch) {
+  if (!covers(L)) return detail::dequant_bf16(L, dst, ld, row_begin, row_end, scratch);
+  return dequant_rows(L, dst, ld, row_begin, row_end, scratch);
+}
+
 }  // namespace bf16
 }  // namespace isa_avx512bf16
 
 const KernelTable kAvx512Bf16Kernels = {"avx512bf16", &isa_avx512bf16::bf16::matvec,
-                                        &isa_avx512bf16::detail::dequant_f32, &isa_avx512bf16::detail::dequant_bf16};
+                                        &isa_avx512bf16::bf16::dequant_f32, &isa_avx512bf16::bf16::dequant_bf16};
 
 }  // namespace cpu
 }  // namespace spqr_hf

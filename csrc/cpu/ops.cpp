@@ -27,7 +27,12 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
-constexpr int64_t kGemmTileBytes = int64_t(4) << 20;  // dequantised rows per GEMM call (fits L3)
+// Rows of W_perm dequantised per GEMM call. Wide: torch's bfloat16 GEMM (oneDNN, AMX on Intel Xeon)
+// took up to twice as long per row at 384-640 output columns as at 768 or more for 512-token
+// prefills, and 4 MiB tiles (512 rows of 4096 columns) fell right there: 20 ms instead of 11 for
+// a 4096 x 4096 layer (benchmarks/RESULTS.md). Capped in bytes for very wide layers.
+constexpr int64_t kGemmTileRows = 1024;
+constexpr int64_t kGemmTileMaxBytes = int64_t(24) << 20;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -221,8 +226,9 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, use_bf16 ? at::kBFloat16 : at::kFloat);
     // Row tiles of W_perm are dequantised by all threads together, then multiplied by one
     // multi-threaded GEMM (a GEMM nested inside the parallel region would run single-threaded).
-    const int64_t tile_rows = std::min(round_up(m, kTileRows),
-                                       std::max<int64_t>(kTileRows, kGemmTileBytes / (n_padded * element) / kTileRows * kTileRows));
+    const int64_t tile_rows = std::min(
+        round_up(m, kTileRows),
+        std::max(kTileRows, std::min(kGemmTileRows, kGemmTileMaxBytes / (n_padded * element)) / kTileRows * kTileRows));
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
     at::Tensor w_tile = at::empty({tile_rows, n_padded}, x.options().dtype(gemm_dtype));
     for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {

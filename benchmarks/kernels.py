@@ -12,6 +12,8 @@ float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefil
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
 import statistics
 import time
 
@@ -66,7 +68,22 @@ def random_packed(
     )
 
 
-_FLUSH = torch.zeros(96 * 1024 * 1024 // 4)  # larger than the 32 MiB L3 of the benchmark machine
+def _last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache Linux reports (0 if unknown)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=0)
+
+
+@functools.cache
+def flush_buffer() -> torch.Tensor:
+    """Twice the last-level cache (a virtual machine may report its host's: 480 MiB was seen), at
+    least 96 MiB, at most 1 GiB; made on first use, so that importing this module costs nothing."""
+    return torch.zeros(min(max(2 * _last_level_cache_bytes(), 96 * 2**20), 2**30) // 4)
 
 
 def median_ms(fn, repeats: int, cold: bool = True) -> float:
@@ -80,7 +97,7 @@ def median_ms(fn, repeats: int, cold: bool = True) -> float:
     times = []
     for _ in range(repeats):
         if cold:
-            _FLUSH.add_(1.0)
+            flush_buffer().add_(1.0)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -106,7 +123,8 @@ def main() -> None:
     if not _extension.native_available():
         raise SystemExit(f"spqr_hf._C did not load ({_extension.load_error()}); build it with pip install -e .")
     bandwidth = copy_bandwidth_gbs(args.repeats)
-    print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  copy bandwidth={bandwidth:.1f} GB/s")
+    print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  copy bandwidth={bandwidth:.1f} GB/s  "
+          f"cache flush={flush_buffer().numel() * 4 / 2**20:.0f} MiB")
     header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>8} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
               f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6}")
     print(header)

@@ -7,6 +7,7 @@ layers evict a layer's weights), all measured side by side in this process. SpQR
 float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting).
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
+        [--prefill-dtypes bfloat16 float32] [--float32-matmul-precision medium]
 """
 
 from __future__ import annotations
@@ -117,14 +118,21 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefill-dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"],
+                        help="activation dtypes SpQR runs with at batches above 16")
+    parser.add_argument("--float32-matmul-precision", choices=["highest", "high", "medium"], default=None,
+                        help="torch.set_float32_matmul_precision before measuring (medium: bfloat16 GEMMs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if not _extension.native_available():
         raise SystemExit(f"spqr_hf._C did not load ({_extension.load_error()}); build it with pip install -e .")
     bandwidth = copy_bandwidth_gbs(args.repeats)
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  copy bandwidth={bandwidth:.1f} GB/s  "
-          f"cache flush={flush_buffer().numel() * 4 / 2**20:.0f} MiB")
+          f"cache flush={flush_buffer().numel() * 4 / 2**20:.0f} MiB  "
+          f"float32 matmul precision={torch.get_float32_matmul_precision()}")
     header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>8} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
               f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6}")
     print(header)
@@ -142,7 +150,8 @@ def main() -> None:
                 dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
             fastest = min(dense_ms.values())
             # Decode-sized batches with both activation dtypes a model would use; prefill in bfloat16.
-            for act in (torch.float32, torch.bfloat16) if batch <= 16 else (torch.bfloat16,):
+            prefill = tuple(getattr(torch, name) for name in args.prefill_dtypes)
+            for act in (torch.float32, torch.bfloat16) if batch <= 16 else prefill:
                 x = torch.randn(batch, n).to(act)
                 packed_args = _schema.op_args(packed, None)
                 spqr_ms = median_ms(lambda x=x, a=packed_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)

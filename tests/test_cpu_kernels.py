@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"
 )
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
 MATVEC_MAX_BATCH = 8  # csrc/cpu/ops.cpp: larger batches take the dequantise + GEMM path
 
 

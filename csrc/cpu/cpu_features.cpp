@@ -3,6 +3,14 @@
 
 #include <cstdlib>
 
+#if defined(SPQR_HF_X86_KERNELS)
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
 namespace spqr_hf {
 namespace cpu {
 namespace {
@@ -24,6 +32,24 @@ bool has_avx512() {
 bool has_avx512bf16() {
   return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 }
+// AMX-TILE and AMX-BF16 in CPUID, and (Linux) the kernel's permission for this process to use
+// the tile data state, asked for once (without it the first tile instruction raises SIGILL).
+bool has_amx() {
+  static const bool usable = [] {
+    if (kAmxKernels.gemm == nullptr || !has_avx512bf16()) return false;  // not built by this compiler
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    if (!tile || !bf16) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
+}
 bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -34,6 +60,7 @@ bool always() { return true; }
 const std::vector<Candidate>& candidates() {  // best first
   static const std::vector<Candidate> all = {
 #if defined(SPQR_HF_X86_KERNELS)
+      {"amx", &kAmxKernels, &has_amx},
       {"avx512bf16", &kAvx512Bf16Kernels, &has_avx512bf16},
       {"avx512", &kAvx512Kernels, &has_avx512},
       {"avx2", &kAvx2Kernels, &has_avx2},
@@ -63,7 +90,7 @@ const KernelTable* select_kernels(std::string* error) {
       return nullptr;
     }
   }
-  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512, avx512bf16 (or its kernels were not built for this platform)";
+  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512, avx512bf16, amx (or its kernels were not built for this platform)";
   return nullptr;
 }
 

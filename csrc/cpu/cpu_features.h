@@ -1,5 +1,5 @@
 // Runtime choice of the CPU kernel table: the best instruction set this CPU supports, unless the
-// environment variable SPQR_HF_CPU_ISA (scalar | avx2 | avx512 | avx512bf16 | auto) asks for a specific one.
+// environment variable SPQR_HF_CPU_ISA (scalar | avx2 | avx512 | avx512bf16 | amx | auto) asks for a specific one.
 #pragma once
 
 #include <string>

@@ -58,17 +58,32 @@ using DequantF32Fn = bool (*)(const LayerView& layer, float* dst, int64_t ld, in
 using DequantBf16Fn = bool (*)(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin,
                                int64_t row_end, float* scratch);
 
+// y[v, i] (fp32, row stride y_stride) for rows [row_begin, row_end) and 2 <= n_vectors <=
+// kGemmMaxVectors bfloat16 activation vectors xb (bits; rows of stride n_padded, zero past n).
+// Scratch: scratch_floats(layer, 0) + gemm_scratch_floats(layer, n_vectors). Returns false on a bad
+// outlier column.
+using GemmFn = bool (*)(const LayerView& layer, const uint16_t* xb, int64_t n_vectors, float* y, int64_t y_stride,
+                        int64_t row_begin, int64_t row_end, float* scratch);
+constexpr int64_t kGemmMaxVectors = 64;
+
+inline int64_t gemm_scratch_floats(const LayerView& layer, int64_t n_vectors) {
+  const int64_t k_tiles = (layer.n_padded + 31) / 32, passes = (n_vectors + 15) / 16;
+  return 16 + (kTileRows * 32 * k_tiles + passes * k_tiles * 512) / 2;  // bfloat16 tile rows and bank
+}
+
 struct KernelTable {
   const char* name;
   MatvecFn matvec;
   DequantF32Fn dequant_f32;
   DequantBf16Fn dequant_bf16;
+  GemmFn gemm;  // small bfloat16 batches on a matrix unit, or nullptr
 };
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512Bf16Kernels;
+extern const KernelTable kAmxKernels;
 
 }  // namespace cpu
 }  // namespace spqr_hf

@@ -2,6 +2,8 @@
 //
 // Validates every shape, dtype, size and index it is given (a corrupted checkpoint raises a
 // Python exception, never reads out of bounds), then runs on torch's intra-op thread pool:
+//   * bfloat16 batches of kGemmMinBatch..kGemmMaxVectors rows, where the kernels have a matrix unit
+//     (AMX): 16-row tiles dequantised into L2 and multiplied there (gemm);
 //   * batch <= kMatvecMaxBatch rows: the matvec kernel reads the packed buffers directly;
 //   * larger batches (prefill): row tiles of W_perm are dequantised into a cache-sized buffer
 //     (float32, or bfloat16 for bfloat16 activations) and multiplied by torch's GEMM.
@@ -27,6 +29,8 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
+constexpr int64_t kGemmMinBatch = 5;  // bfloat16 batches from here to kGemmMaxVectors: the kernels' gemm, if any
+                                      // (up to 4 vectors the matvec is as fast or faster)
 // Rows of W_perm dequantised per GEMM call. Wide: torch's bfloat16 GEMM (oneDNN, AMX on Intel Xeon)
 // took up to twice as long per row at 384-640 output columns as at 768 or more for 512-token
 // prefills, and 4 MiB tiles (512 rows of 4096 columns) fell right there: 20 ms instead of 11 for
@@ -208,7 +212,18 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t n_tiles = num_groups(m, kTileRows);
   std::atomic<bool> ok{true};
   at::Tensor y;  // [batch, m]
-  if (batch <= kMatvecMaxBatch) {
+  if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
+      batch <= kGemmMaxVectors) {
+    const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);
+    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
+    const uint16_t* xp_ptr = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+    float* y_ptr = y.data_ptr<float>();
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      float* scratch = thread_scratch(scratch_floats(L, 0) + gemm_scratch_floats(L, batch));
+      if (!kernels.gemm(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m), scratch))
+        ok = false;
+    });
+  } else if (batch <= kMatvecMaxBatch) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     y = at::empty({batch, m}, x.options().dtype(at::kFloat));
     const float* xp_ptr = xp.data_ptr<float>();

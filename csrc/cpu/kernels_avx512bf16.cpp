@@ -746,7 +746,7 @@ inline void set_outlier(const LayerView& L, const uint8_t* codes, const float* s
   uint16_t window;
   memcpy(&window, codes + bit / 8, sizeof(window));  // inside the row's 16-byte read window
   const int c = (window >> (bit % 8)) & ((1 << L.bits) - 1);
-  const float unit = 1.0f + static_cast<float>(c) / static_cast<float>(1 << L.bits);  // exact, as block_units
+  const float unit = 1.0f + static_cast<float>(c) * (1.0f / static_cast<float>(1 << L.bits));  // exact, as block_units
   const int64_t j = L.lane_group[col];
   store_weight(out + col, std::fma(unit, s[j * kTileRows], o[j * kTileRows]) + delta);
 }

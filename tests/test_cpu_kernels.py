@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
-MATVEC_MAX_BATCH = 8  # csrc/cpu/ops.cpp: larger batches take the dequantise + GEMM path
+MATVEC_MAX_BATCH = 8  # csrc/cpu/ops.cpp: larger batches take the dequantise + GEMM path (with "amx",
+# bfloat16 batches of 5 to 64 take its tile-unit GEMM: the sweeps below run batches 5, 9 and 64)
 
 
 def random_packed(

@@ -823,9 +823,10 @@ bool dequant_bf16(const LayerView& L, uint16_t* dst, int64_t ld, int64_t row_beg
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define SPQR_HF_AMX_KERNELS 1
 // ---- AMX (Intel Sapphire Rapids and later): small batches ----------------------------------
-// Batches of 2..kAmxMaxBatch bfloat16 activation vectors. The matvec's cost grows with each vector
-// and the dequantise + torch GEMM path writes, reads and reorders the whole dense layer, so both
-// lost to the dense bfloat16 GEMM there (4096 x 4096 at batch 16: 4.8 ms against 2.1). Here each
+// Batches of up to kGemmMaxVectors bfloat16 activation vectors (ops.cpp sends 5 or more). The
+// matvec's cost grows with each vector and the dequantise + torch GEMM path writes, reads and
+// reorders the whole dense layer, so both lost to the dense bfloat16 GEMM there (4096 x 4096 at
+// batch 16: 4.8 ms against 2.1). Here each
 // 16-row tile is dequantised (dequant_rows) into a bfloat16 buffer that stays in L2 and multiplied
 // on the tile unit straight away: C (16 rows x 16 vectors) += A (the tile's 16 rows x 32 columns,
 // as stored) B (the same 32 columns of 16 vectors, as pairs of columns: built once per call).
@@ -882,19 +883,10 @@ __attribute__((target("amx-tile,amx-bf16"))) bool gemm_amx(const LayerView& L, c
       _tile_zero(2);
       _tile_zero(3);  // two accumulators: consecutive products into one C wait for each other
       const uint16_t* b = bank + p * kt * 512;
-      int64_t t = 0;
-      for (; t + 2 <= kt; t += 2) {
+      for (int64_t t = 0; t < kt; ++t) {
         _tile_loadd(0, tile + 32 * t, ld * 2);
         _tile_loadd(1, b + t * 512, 64);
-        _tile_dpbf16ps(2, 0, 1);
-        _tile_loadd(0, tile + 32 * (t + 1), ld * 2);
-        _tile_loadd(1, b + (t + 1) * 512, 64);
-        _tile_dpbf16ps(3, 0, 1);
-      }
-      if (t < kt) {
-        _tile_loadd(0, tile + 32 * t, ld * 2);
-        _tile_loadd(1, b + t * 512, 64);
-        _tile_dpbf16ps(2, 0, 1);
+        if (t % 2) _tile_dpbf16ps(3, 0, 1); else _tile_dpbf16ps(2, 0, 1);  // tile numbers are immediates
       }
       _tile_stored(2, c[0], 64);
       _tile_stored(3, c[1], 64);

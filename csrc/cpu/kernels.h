@@ -33,6 +33,8 @@ struct LayerView {
   int bits, scale_bits, zero_bits;
   int64_t groupsize, qq_groupsize, n_groups, n_chunks;
   const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
+  int x_bits;  // significand bits of the activations' dtype (8 bfloat16, 11 float16, 24 float32): how
+               // finely a kernel that quantises them (int8_matvec.inc) must represent them
 };
 
 // Per-thread scratch a kernel may use: at least scratch_floats(layer, n_vectors) floats (statistics
@@ -40,8 +42,13 @@ struct LayerView {
 // packed rows, and per activation vector its group sums, a bfloat16 hi/lo copy and a tile of dot
 // products and zero-point terms). Its contents are left over from earlier calls: write before reading.
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  return 6 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
+  // The single-vector integer matvec (int8_matvec.inc): tile scales, statistics block, row-major
+  // tile scales, group units and sums, three int8 levels of the activations.
+  const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
+  const int64_t integer = 81 * G + 17 * G16 + 48 * ((G + 3) / 4) + 16;
+  const int64_t others = 6 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
          n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
+  return n_vectors == 1 && others < integer ? integer : others;
 }
 
 // y[v, i] (fp32, row stride y_stride) = sum_k W_perm[i, k] * xp[v, k] for rows [row_begin, row_end)

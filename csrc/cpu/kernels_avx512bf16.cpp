@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 
 #include "kernels.h"
 
@@ -606,10 +607,17 @@ inline void layer_stat_streams(const LayerView& L, float* tile_meta, StatStream&
                      tile_meta + 2 * kMetaBlock * L.n_groups);
 }
 
+#include "int8_matvec.inc"
+
 bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, int64_t row_begin,
             int64_t row_end, float* scratch) {
   if (!covers(L) || n_vectors > kMaxBatchVectors)
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
+  if (n_vectors == 1 && int_covers(L) && std::getenv("SPQR_NO_INT") == nullptr) {
+    bool handled = false;
+    const bool ok = int_matvec(L, xp, y, row_begin, row_end, scratch, &handled);
+    if (handled) return ok;
+  }
   const int64_t G = L.n_groups, n_padded = L.n_padded;
   // Scratch (within scratch_floats(L, n_vectors)): the tile's scales [G][16], the
   // second-level parameters of a block of chunks, two padded code rows, group sums [n_vectors][G],

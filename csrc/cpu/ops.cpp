@@ -201,6 +201,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.n_groups = G;
   L.n_chunks = R;
   L.lane_group = lane_group.data();
+  L.x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
 
   const KernelTable& kernels = kernels_or_throw();
   const at::Tensor x2 = x.reshape({-1, n}).contiguous();

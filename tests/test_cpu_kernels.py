@@ -146,6 +146,52 @@ def test_many_second_level_chunks(isa, qq_groupsize):
         assert_close_to_reference(run_op(x, packed), x, packed, None)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_single_vector_integer_path(isa, bits):
+    """Batch 1 with codes of <= 4 bits in groups of 16 takes the int8 matvec on avx512bf16 / amx
+    (64-column windows of four groups): widths that end mid-window, mid-group or mid-word, tall tiles."""
+    gen = torch.Generator().manual_seed(20 + bits)
+    for m, n, stat_bits, qq_groupsize in [(1, 16, 3, 16), (17, 40, 2, 4), (33, 64, 4, 32), (40, 100, 16, 16),
+                                          (70, 257, 3, 16), (20, 1000, 3, 64)]:
+        packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
+                               stat_bits=stat_bits, outlier_fraction=0.02)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(1, n, generator=gen).to(dtype)
+            assert_close_to_reference(run_op(x, packed), x, packed, None)
+
+
+def test_single_vector_activation_range(isa):
+    """The int8 path represents each 16-column group relative to its largest |x|: a group with one large
+    value, groups of zeros, and groups too small for that (< 1e-30, left to the bfloat16 loop) stay accurate."""
+    gen = torch.Generator().manual_seed(30)
+    n = 256
+    packed = random_packed(gen, 48, n, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
+    perm = layout.from_uint16_storage(packed.perm).long()  # kernel groups are runs of 16 permuted columns
+    x = torch.randn(1, n, generator=gen)
+    x[0, perm[0::16]] *= 1000.0  # one large value per group
+    x[0, perm[32:48]] = 0.0  # a group of zeros
+    for dtype in (torch.float32, torch.float16):
+        xd = x.to(dtype)
+        assert_close_to_reference(run_op(xd, packed), xd, packed, None)
+    tiny = torch.randn(1, n, generator=gen) * 1e-33
+    assert_close_to_reference(run_op(tiny, packed), tiny, packed, None)
+
+
+def test_non_finite_activations_stay_non_finite(isa):
+    """An inf or NaN in x must not be quantised into finite garbage (the int8 path hands such calls to the
+    bfloat16 loop): the rows the float64 reference makes non-finite are non-finite."""
+    gen = torch.Generator().manual_seed(31)
+    packed = random_packed(gen, 32, 128, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
+    weight = dequantize(packed).double()
+    for bad in (float("inf"), float("nan")):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, 128, generator=gen)
+            x[0, 77] = bad
+            x = x.to(dtype)
+            ref = x.double() @ weight.T
+            assert torch.equal(torch.isfinite(run_op(x, packed)), torch.isfinite(ref))
+
+
 def test_outlier_columns_in_any_order(isa):
     """The packer writes each row's outlier columns increasing and the fast dequantiser relies on it;
     a row in another order (the operator takes raw buffers) must take the general path, not be wrong."""
@@ -167,7 +213,8 @@ def test_kernels_write_scratch_before_reading_it():
     """Per-thread scratch is reused between calls, never cleared: with SPQR_HF_POISON_SCRATCH=1 it is
     filled with NaN before every call, and the reference comparisons of every path must still pass."""
     env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
-    selection = "matches_float64_reference or llama_like_layer or many_second_level_chunks or any_order"
+    selection = ("matches_float64_reference or llama_like_layer or many_second_level_chunks or any_order or "
+                 "single_vector")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         capture_output=True, text=True, env=env, timeout=900,

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -352,8 +353,9 @@ inline StatStream stat_stream(const LayerView& L, const uint8_t* codes, int64_t 
           nullptr};
 }
 
-// r[t] <- lane t of every r[i] (a 16 x 16 transpose of 32-bit elements).
-inline void transpose16(__m512i (&r)[16]) {
+// r[t] <- lane t of every r[i] (a 16 x 16 transpose of 32-bit elements). Always inlined: as a call,
+// r goes through memory.
+__attribute__((always_inline)) inline void transpose16(__m512i (&r)[16]) {
   __m512i t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -512,20 +514,6 @@ inline void tile_terms(const LayerView& L, Stat&& stat, const StatsAhead& ahead,
   if (sums != nullptr) _mm512_storeu_ps(zero_terms, _mm512_add_ps(even, odd));
 }
 
-template <bool RAW_SCALE, bool RAW_ZERO>
-inline void tile_terms(const LayerView& L, const StatStream& scale, const StatStream& zero, int64_t row0,
-                       const StatsAhead& ahead, const float* sums, float* scales, float* scale_zero,
-                       float* zero_terms) {
-  const StatStream sc = scale, zc = zero;  // local copies: the compiler need not reload them after each store
-  tile_terms(
-      L,
-      [&](int64_t j, __m512& s, __m512& z) {
-        s = fast_statistics<RAW_SCALE>(sc, j, row0);
-        z = fast_statistics<RAW_ZERO>(zc, j, row0);
-      },
-      ahead, sums, scales, scale_zero, zero_terms);
-}
-
 // zero_terms[v * 16 + lane] = sum_j scale_zero[j][lane] * X_vj (four chains hide the FMA latency).
 inline void tile_zero_terms(int64_t G, int64_t n_vectors, const float* scale_zero, const float* sums,
                             float* zero_terms) {
@@ -544,8 +532,8 @@ inline void tile_zero_terms(int64_t G, int64_t n_vectors, const float* scale_zer
   }
 }
 
-// sum over row `row`'s outliers of delta * x[col], 16 at a time; sets *bad on a column >= n.
-inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* bad) {
+// acc + delta * x[col] over row `row`'s outliers, 16 at a time in the lanes; sets *bad on a column >= n.
+inline __m512 add_outliers(const LayerView& L, const float* x, int64_t row, __m512 acc, bool* bad) {
   const int32_t end = L.outlier_row_ptr[row + 1];
   {
     const int32_t later = L.outlier_row_ptr[min64(row + kTileRows, L.m)];
@@ -555,7 +543,6 @@ inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* 
     _mm_prefetch(reinterpret_cast<const char*>(L.outlier_delta + later + 32), _MM_HINT_T0);
   }
   const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(L.n - 1));
-  __m512 acc = _mm512_setzero_ps();
   __mmask16 out_of_range = 0;
   for (int32_t p = L.outlier_row_ptr[row]; p < end; p += 16) {
     const __mmask16 live = end - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - p)) - 1u);
@@ -565,14 +552,20 @@ inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* 
     acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, L.outlier_delta + p)), xs, acc);
   }
   *bad |= out_of_range != 0;
-  return _mm512_reduce_add_ps(acc);
+  return acc;
 }
 
-// The tile's per-group terms (see tile_terms) for the 16 rows from row0, one column group at a time
-// with the rows in vector lanes: the inline decoders where the whole tile can take them, the
-// generic per-group decoding otherwise. Shared by the matvec and the dequantisers.
-inline void tile_statistics_terms(const LayerView& L, StatStream& scale_stream, StatStream& zero_stream, int64_t row0,
-                                  const float* sums, float* scales, float* scale_zero, float* zero_terms) {
+// sum over row `row`'s outliers of delta * x[col]; sets *bad on a column >= n.
+inline float outlier_dot(const LayerView& L, const float* x, int64_t row, bool* bad) {
+  return _mm512_reduce_add_ps(add_outliers(L, x, row, _mm512_setzero_ps(), bad));
+}
+
+// Calls sink(stat, ahead) with stat(j, s, z) the decoder of the tile's statistics (16 rows from row0
+// in lanes, column group j) that fits it: the inline decoders where the whole tile can take them, the
+// generic per-group decoding otherwise; ahead holds the lines to request for a later tile.
+template <class Sink>
+inline void with_tile_statistics(const LayerView& L, StatStream& scale_stream, StatStream& zero_stream, int64_t row0,
+                                 Sink&& sink) {
   const detail::TileChunks chunks = detail::tile_chunks(L, row0);
   StatsAhead ahead;
   add_stats_ahead(L, scale_stream, row0, ahead);
@@ -582,22 +575,41 @@ inline void tile_statistics_terms(const LayerView& L, StatStream& scale_stream, 
     if (L.zero_bits != spqr_hf::kRawStatBits) select_chunk(L, zero_stream, chunks.chunk[0]);
   }
   const bool fast = fast_tile(scale_stream, chunks, row0) && fast_tile(zero_stream, chunks, row0);
+  const StatStream sc = scale_stream, zc = zero_stream;  // local copies: the compiler need not reload them after each store
+  const auto inline_stats = [&](auto raw_scale, auto raw_zero) {
+    sink(
+        [&](int64_t j, __m512& s, __m512& z) {
+          s = fast_statistics<decltype(raw_scale)::value>(sc, j, row0);
+          z = fast_statistics<decltype(raw_zero)::value>(zc, j, row0);
+        },
+        ahead);
+  };
+  using raw = std::true_type;
+  using coded = std::false_type;
   if (fast && L.scale_bits == spqr_hf::kRawStatBits && L.zero_bits == spqr_hf::kRawStatBits)
-    tile_terms<true, true>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+    inline_stats(raw(), raw());
   else if (fast && L.scale_bits == spqr_hf::kRawStatBits)
-    tile_terms<true, false>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+    inline_stats(raw(), coded());
   else if (fast && L.zero_bits == spqr_hf::kRawStatBits)
-    tile_terms<false, true>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+    inline_stats(coded(), raw());
   else if (fast)
-    tile_terms<false, false>(L, scale_stream, zero_stream, row0, ahead, sums, scales, scale_zero, zero_terms);
+    inline_stats(coded(), coded());
   else
-    tile_terms(
-        L,
-        [&](int64_t j, __m512& sc, __m512& z) {
-          sc = tile_statistics(L, scale_stream, chunks, j, row0);
+    sink(
+        [&](int64_t j, __m512& s, __m512& z) {
+          s = tile_statistics(L, scale_stream, chunks, j, row0);
           z = tile_statistics(L, zero_stream, chunks, j, row0);
         },
-        ahead, sums, scales, scale_zero, zero_terms);
+        ahead);
+}
+
+// The tile's per-group terms (see tile_terms) for the 16 rows from row0, one column group at a time
+// with the rows in vector lanes. Shared by the bfloat16 matvec and the dequantisers.
+inline void tile_statistics_terms(const LayerView& L, StatStream& scale_stream, StatStream& zero_stream, int64_t row0,
+                                  const float* sums, float* scales, float* scale_zero, float* zero_terms) {
+  with_tile_statistics(L, scale_stream, zero_stream, row0, [&](auto&& stat, const StatsAhead& ahead) {
+    tile_terms(L, stat, ahead, sums, scales, scale_zero, zero_terms);
+  });
 }
 
 // The two statistic streams with the transform the dot loops and dequantisers expect (see

@@ -147,33 +147,38 @@ def test_many_second_level_chunks(isa, qq_groupsize):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_single_vector_integer_path(isa, bits):
-    """Batch 1 with codes of <= 4 bits in groups of 16 takes the int8 matvec on avx512bf16 / amx
-    (64-column windows of four groups): widths that end mid-window, mid-group or mid-word, tall tiles."""
+def test_integer_matvec_path(isa, bits):
+    """Batches 1-4 with codes of <= 4 bits in groups of 16 take the int8 matvec on avx512bf16 / amx
+    (64-column windows of four groups, superblocks of 4 tiles): widths that end mid-window, mid-group
+    or mid-word, heights that end mid-tile or mid-superblock, tall layers over several superblocks."""
     gen = torch.Generator().manual_seed(20 + bits)
     for m, n, stat_bits, qq_groupsize in [(1, 16, 3, 16), (17, 40, 2, 4), (33, 64, 4, 32), (40, 100, 16, 16),
-                                          (70, 257, 3, 16), (20, 1000, 3, 64)]:
+                                          (70, 257, 3, 16), (20, 1000, 3, 64), (200, 48, 3, 16)]:
         packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
                                stat_bits=stat_bits, outlier_fraction=0.02)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            x = torch.randn(1, n, generator=gen).to(dtype)
-            assert_close_to_reference(run_op(x, packed), x, packed, None)
+        for batch in (1, 2, 3, 4):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(batch, n, generator=gen).to(dtype)
+                assert_close_to_reference(run_op(x, packed), x, packed, None)
 
 
-def test_single_vector_activation_range(isa):
-    """The int8 path represents each 16-column group relative to its largest |x|: a group with one large
-    value, groups of zeros, and groups too small for that (< 1e-30, left to the bfloat16 loop) stay accurate."""
+def test_integer_matvec_activation_range(isa):
+    """The int8 path represents each vector's 16-column groups relative to their largest |x|: a group
+    with one large value, groups of zeros, and groups too small for that (< 1e-30, left to the bfloat16
+    loop) stay accurate."""
     gen = torch.Generator().manual_seed(30)
     n = 256
     packed = random_packed(gen, 48, n, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
     perm = layout.from_uint16_storage(packed.perm).long()  # kernel groups are runs of 16 permuted columns
-    x = torch.randn(1, n, generator=gen)
+    x = torch.randn(2, n, generator=gen)
     x[0, perm[0::16]] *= 1000.0  # one large value per group
-    x[0, perm[32:48]] = 0.0  # a group of zeros
-    for dtype in (torch.float32, torch.float16):
-        xd = x.to(dtype)
-        assert_close_to_reference(run_op(xd, packed), xd, packed, None)
-    tiny = torch.randn(1, n, generator=gen) * 1e-33
+    x[:, perm[32:48]] = 0.0  # a group of zeros
+    x[1, perm[64:80]] *= 1e-6  # another vector's range
+    for rows in (x[:1], x):
+        for dtype in (torch.float32, torch.float16):
+            xd = rows.to(dtype)
+            assert_close_to_reference(run_op(xd, packed), xd, packed, None)
+    tiny = torch.randn(2, n, generator=gen) * 1e-33
     assert_close_to_reference(run_op(tiny, packed), tiny, packed, None)
 
 
@@ -185,8 +190,8 @@ def test_non_finite_activations_stay_non_finite(isa):
     weight = dequantize(packed).double()
     for bad in (float("inf"), float("nan")):
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(1, 128, generator=gen)
-            x[0, 77] = bad
+            x = torch.randn(2, 128, generator=gen)
+            x[0, 77] = bad  # the other vector stays finite, and so must its outputs
             x = x.to(dtype)
             ref = x.double() @ weight.T
             assert torch.equal(torch.isfinite(run_op(x, packed)), torch.isfinite(ref))
@@ -214,7 +219,7 @@ def test_kernels_write_scratch_before_reading_it():
     filled with NaN before every call, and the reference comparisons of every path must still pass."""
     env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
     selection = ("matches_float64_reference or llama_like_layer or many_second_level_chunks or any_order or "
-                 "single_vector")
+                 "integer_matvec")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         capture_output=True, text=True, env=env, timeout=900,

@@ -42,13 +42,14 @@ struct LayerView {
 // packed rows, and per activation vector its group sums, a bfloat16 hi/lo copy and a tile of dot
 // products and zero-point terms). Its contents are left over from earlier calls: write before reading.
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  // The single-vector integer matvec (int8_matvec.inc): statistics block, row-major scales of two
-  // superblocks of 4 tiles, group units and sums, three int8 levels of the activations.
+  // The integer matvec of up to kMaxVectors vectors (int8_matvec.inc): statistics block, row-major
+  // scales of two superblocks of 4 tiles, and per vector its group units and sums and three int8
+  // levels of the activations.
   const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
-  const int64_t integer = 65 * G + 129 * G16 + 48 * ((G + 3) / 4) + 16;
+  const int64_t integer = 64 * G + 128 * G16 + n_vectors * (G + G16 + 48 * ((G + 3) / 4)) + 16;
   const int64_t others = 6 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
          n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
-  return n_vectors == 1 && others < integer ? integer : others;
+  return n_vectors >= 1 && n_vectors <= kMaxVectors && others < integer ? integer : others;
 }
 
 // y[v, i] (fp32, row stride y_stride) = sum_k W_perm[i, k] * xp[v, k] for rows [row_begin, row_end)

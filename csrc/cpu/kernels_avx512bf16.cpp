@@ -627,9 +627,9 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
             int64_t row_end, float* scratch) {
   if (!covers(L) || n_vectors > kMaxBatchVectors)
     return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
-  if (n_vectors == 1 && int_covers(L)) {
+  if (n_vectors <= kMaxVectors && int_covers(L)) {
     bool handled = false;
-    const bool ok = int_matvec(L, xp, y, row_begin, row_end, scratch, &handled);
+    const bool ok = int_matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch, &handled);
     if (handled) return ok;
   }
   const int64_t G = L.n_groups, n_padded = L.n_padded;

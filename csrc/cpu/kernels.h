@@ -47,8 +47,8 @@ inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // levels of the activations.
   const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
   const int64_t integer = 64 * G + 128 * G16 + n_vectors * (G + G16 + 48 * ((G + 3) / 4)) + 16;
-  const int64_t others = 6 * layer.n_groups * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
-         n_vectors * (layer.n_groups + 2 * layer.n_padded + 2 * kTileRows) + 16;
+  const int64_t others = 6 * G * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
+                         n_vectors * (G + 2 * layer.n_padded + 2 * kTileRows) + 16;
   return n_vectors >= 1 && n_vectors <= kMaxVectors && others < integer ? integer : others;
 }
 

@@ -23,8 +23,9 @@
 //     parameters 16 chunks at a time, the 2^bits factors folded in; columns are walked in panels so
 //     a panel's activations and scales stay in L1; codes, statistics and outliers are prefetched
 //     ahead (a cold layer otherwise waits on memory: its statistics are G lines apart).
-// A single vector (decode) over codes of <= 4 bits in groups of 16 takes int8_matvec.inc instead:
-// integer dot products (AVX512_VNNI), 1.4-1.7x this loop's speed on Intel Xeon cores.
+// One to four vectors (decode, small batches) over codes of <= 4 bits in groups of 16 take
+// int8_matvec.inc instead: integer dot products (AVX512_VNNI), 1.4-1.7x this loop's speed on one
+// Intel Xeon core.
 // Batched prefill dequantises rows with the same code trick (dequant_rows, below) for the same
 // layers; every other layer uses the same code as "avx512".
 #include <immintrin.h>

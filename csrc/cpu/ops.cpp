@@ -213,27 +213,27 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t n_tiles = num_groups(m, kTileRows);
   std::atomic<bool> ok{true};
   at::Tensor y;  // [batch, m]
+  // y (float32) from kernel(y, row_begin, row_end, scratch) over the row tiles, split across threads.
+  const auto over_row_tiles = [&](int64_t floats, auto&& kernel) {
+    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
+    float* y_ptr = y.data_ptr<float>();
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      if (!kernel(y_ptr, begin * kTileRows, std::min(end * kTileRows, m), thread_scratch(floats))) ok = false;
+    });
+  };
   if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
       batch <= kGemmMaxVectors) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);
-    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
     const uint16_t* xp_ptr = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
-    float* y_ptr = y.data_ptr<float>();
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      float* scratch = thread_scratch(scratch_floats(L, 0) + gemm_scratch_floats(L, batch));
-      if (!kernels.gemm(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m), scratch))
-        ok = false;
-    });
+    over_row_tiles(scratch_floats(L, 0) + gemm_scratch_floats(L, batch),
+                   [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
+                     return kernels.gemm(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
+                   });
   } else if (batch <= kMatvecMaxBatch) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
-    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
     const float* xp_ptr = xp.data_ptr<float>();
-    float* y_ptr = y.data_ptr<float>();
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      float* scratch = thread_scratch(scratch_floats(L, batch));
-      if (!kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin * kTileRows, std::min(end * kTileRows, m),
-                          scratch))
-        ok = false;
+    over_row_tiles(scratch_floats(L, batch), [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
+      return kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
     });
   } else {
     const bool use_bf16 = x.scalar_type() == at::kBFloat16;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -74,10 +75,22 @@ inline V v_half(const uint16_t* p) {
 inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernel_body.inc"
+#include "int16_matvec.inc"
+
+// 1-4 vectors over layers with groups of 16 take the integer path, everything else the float loop.
+bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, int64_t row_begin,
+            int64_t row_end, float* scratch) {
+  if (n_vectors <= kMaxVectors && int16_path::covers(L)) {
+    bool handled = false;
+    const bool ok = int16_path::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch, &handled);
+    if (handled) return ok;
+  }
+  return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
+}
 
 }  // namespace isa_avx2
 
-const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::detail::matvec, &isa_avx2::detail::dequant_f32,
+const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
                                   &isa_avx2::detail::dequant_bf16};
 
 }  // namespace cpu

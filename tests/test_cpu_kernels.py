@@ -6,8 +6,9 @@ per output element, with ``mag = |x| @ |W|.T + |bias|`` (the sum of absolute pro
   float16   : 2**-11 * |ref| + 1e-5 * mag                 (plus rounding the output to float16)
   bfloat16  : 2**-8 * (|ref| + 2 * mag) + 1e-5 * mag      (output rounding; batched prefill also
                                                            rounds decoded weights to bfloat16)
-The integer matvec (avx512bf16 / amx, 1-4 vectors) represents x per 16-column group to 2^-15 (bfloat16)
-or 2^-22 (float16 / float32) of the group's largest |x|, inside these bounds for the inputs drawn here.
+The integer matvecs (1-4 vectors, groups of 16) represent x per 16-column group relative to the group's
+largest |x|: avx512bf16 / amx in int8 levels to 2^-15 (bfloat16) or 2^-22 (float16 / float32), avx2 in
+int16 levels to 2^-16 or 2^-31; inside these bounds for the inputs drawn here.
 A wrong code, statistic, permutation or outlier shifts the output by O(mag), far above these.
 """
 
@@ -148,14 +149,16 @@ def test_many_second_level_chunks(isa, qq_groupsize):
         assert_close_to_reference(run_op(x, packed), x, packed, None)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_integer_matvec_path(isa, bits):
-    """Batches 1-4 with codes of <= 4 bits in groups of 16 take the int8 matvec on avx512bf16 / amx
-    (64-column windows of four groups, superblocks of 4 tiles): widths that end mid-window, mid-group
-    or mid-word, heights that end mid-tile or mid-superblock, tall layers over several superblocks."""
+    """Batches 1-4 in groups of 16 take an integer matvec: on avx512bf16 / amx for codes of <= 4 bits
+    (64-column windows of four groups, superblocks of 4 tiles), on avx2 for 2-8 bits (one group per
+    register; statistics of <= 4 bits in one chunk decoded inline, others generically): widths that end
+    mid-window, mid-group or mid-word, heights that end mid-tile or mid-superblock, tall layers, rows
+    with more and fewer than 8 outliers."""
     gen = torch.Generator().manual_seed(20 + bits)
     for m, n, stat_bits, qq_groupsize in [(1, 16, 3, 16), (17, 40, 2, 4), (33, 64, 4, 32), (40, 100, 16, 16),
-                                          (70, 257, 3, 16), (20, 1000, 3, 64), (200, 48, 3, 16)]:
+                                          (70, 257, 3, 16), (20, 1000, 3, 64), (200, 48, 3, 16), (24, 64, 6, 16)]:
         packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
                                stat_bits=stat_bits, outlier_fraction=0.02)
         for batch in (1, 2, 3, 4):
@@ -165,9 +168,9 @@ def test_integer_matvec_path(isa, bits):
 
 
 def test_integer_matvec_activation_range(isa):
-    """The int8 path represents each vector's 16-column groups relative to their largest |x|: a group
-    with one large value, groups of zeros, and groups too small for that (< 1e-30, left to the bfloat16
-    loop) stay accurate."""
+    """The integer paths represent each vector's 16-column groups relative to their largest |x|: a group
+    with one large value, groups of zeros, and groups too small for that (< 1e-30, left to the float
+    loops) stay accurate."""
     gen = torch.Generator().manual_seed(30)
     n = 256
     packed = random_packed(gen, 48, n, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
@@ -185,8 +188,8 @@ def test_integer_matvec_activation_range(isa):
 
 
 def test_non_finite_activations_stay_non_finite(isa):
-    """An inf or NaN in x must not be quantised into finite garbage (the int8 path hands such calls to the
-    bfloat16 loop): the rows the float64 reference makes non-finite are non-finite."""
+    """An inf or NaN in x must not be quantised into finite garbage (the integer paths hand such calls to
+    the float loops): the rows the float64 reference makes non-finite are non-finite."""
     gen = torch.Generator().manual_seed(31)
     packed = random_packed(gen, 32, 128, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
     weight = dequantize(packed).double()
@@ -321,6 +324,23 @@ def test_corrupted_buffers_raise(isa):
             with pytest.raises(RuntimeError):
                 run_op(x if bad.in_features == packed.in_features else torch.randn(batch, bad.in_features), bad)
                 pytest.fail(f"no error for {description}")
+
+
+def test_outlier_column_out_of_range_anywhere_in_a_row(isa):
+    """Outliers are added 8 at a time on some paths (a gather of x) and one at a time at a row's end:
+    a bad column at any position of a row with many outliers raises instead of reading past x."""
+    gen = torch.Generator().manual_seed(18)
+    packed = random_packed(gen, 16, 64, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.3)
+    row_ptr = packed.outlier_row_ptr.tolist()
+    first, count = row_ptr[3], row_ptr[4] - row_ptr[3]
+    assert count >= 17
+    x = torch.randn(1, 64, generator=gen)
+    for position in (0, 7, 8, count - 1):
+        for bad_column in (64, -1):  # -1: 65535 as uint16
+            col = packed.outlier_col.clone()
+            col[first + position] = bad_column
+            with pytest.raises(RuntimeError, match="outlier_col"):
+                run_op(x, PackedSpQR(**{**packed.__dict__, "outlier_col": col}))
 
 
 def test_bad_activations_raise():

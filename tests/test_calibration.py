@@ -175,3 +175,15 @@ def test_replaying_finished_children_changes_nothing(tok, arch, monkeypatch):
     assert packed[True].keys() == packed[False].keys() and len(packed[True]) >= 8
     for name, tensors in packed[True].items():
         assert all(torch.equal(t, packed[False][name][k]) for k, t in tensors.items()), name
+
+
+def test_weight_matrix_is_a_copy_even_in_float32():
+    """The driver keeps the original weight for its error report while it overwrites the layer: with a
+    float32 model calibrated in float32 (CPUs without fast bfloat16) an alias made every error 0."""
+    from spqr_hf.calibrate.blocks import set_weight_matrix, weight_matrix
+
+    layer = torch.nn.Linear(8, 4)
+    original = weight_matrix(layer)
+    before = original.clone()
+    set_weight_matrix(layer, torch.randn(4, 8))
+    assert torch.equal(original, before) and not torch.equal(layer.weight.detach(), before)

@@ -91,11 +91,12 @@ def is_skipped(full_name: str, skip: list[str] | None) -> bool:
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``[out_features, in_features]`` in float32 (a copy)."""
+    """The layer's weight as ``[out_features, in_features]`` in float32: always a copy, so that it still
+    holds the original after set_weight_matrix overwrites the layer (a float32 ``.to`` would alias it)."""
     weight = layer.weight.detach()
     if isinstance(layer, Conv1D):
         weight = weight.t()
-    return weight.to(torch.float32).contiguous()
+    return weight.to(torch.float32, copy=True).contiguous()
 
 
 def set_weight_matrix(layer: nn.Module, weight: torch.Tensor) -> None:

@@ -73,6 +73,15 @@ const std::vector<Candidate>& candidates() {  // best first
 
 }  // namespace
 
+bool cpu_has_native_bf16() {
+#if defined(SPQR_HF_X86_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return true;  // other architectures: torch's bfloat16 GEMM, as before
+#endif
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
   for (const Candidate& c : candidates())

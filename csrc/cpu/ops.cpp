@@ -6,7 +6,8 @@
 //     (AMX): 16-row tiles dequantised into L2 and multiplied there (gemm);
 //   * batch <= kMatvecMaxBatch rows: the matvec kernel reads the packed buffers directly;
 //   * larger batches (prefill): row tiles of W_perm are dequantised into a cache-sized buffer
-//     (float32, or bfloat16 for bfloat16 activations) and multiplied by torch's GEMM.
+//     (float32, or bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively) and
+//     multiplied by torch's GEMM.
 // Both accumulate in float32; the output has the activation dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -236,7 +237,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       return kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
     });
   } else {
-    const bool use_bf16 = x.scalar_type() == at::kBFloat16;
+    const bool use_bf16 = x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16();
     const at::ScalarType gemm_dtype = use_bf16 ? at::kBFloat16 : at::kFloat;
     const int64_t element = use_bf16 ? 2 : 4;
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, use_bf16 ? at::kBFloat16 : at::kFloat);

@@ -53,13 +53,13 @@ inline void v_store(float* p, V a) {
 inline V v_sub(V a, V b) { return V{_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
 inline V v_mul(V a, V b) { return V{_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 inline V v_fma(V a, V b, V c) { return V{_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-inline float v_sum(V a) {
-  const __m256 s = _mm256_add_ps(a.lo, a.hi);
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+inline float sum8(__m256 a) {  // the sum of 8 lanes (also int16_matvec.inc's)
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
   return _mm_cvtss_f32(q);
 }
+inline float v_sum(V a) { return sum8(_mm256_add_ps(a.lo, a.hi)); }
 inline V v_codes(const uint8_t* w, const CodeCtl& c) {
   const __m256i window = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   __m256i lo = _mm256_shuffle_epi8(window, c.shuffle_lo);

@@ -240,7 +240,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const bool use_bf16 = x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16();
     const at::ScalarType gemm_dtype = use_bf16 ? at::kBFloat16 : at::kFloat;
     const int64_t element = use_bf16 ? 2 : 4;
-    const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, use_bf16 ? at::kBFloat16 : at::kFloat);
+    const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
     // Row tiles of W_perm are dequantised by all threads together, then multiplied by one
     // multi-threaded GEMM (a GEMM nested inside the parallel region would run single-threaded).
     const int64_t tile_rows = std::min(

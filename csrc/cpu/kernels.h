@@ -14,6 +14,7 @@ namespace cpu {
 constexpr int64_t kTileRows = 16;  // rows decoded together (statistics are unpacked 16 at a time)
 constexpr int64_t kBlockCols = 16;  // weight codes unpacked together
 constexpr int kMaxVectors = 4;  // activation vectors one matvec pass serves
+constexpr int kInt16SuperTiles = 4;  // tiles whose statistics int16_matvec.inc decodes together
 
 // One packed layer (see src/spqr_hf/format/layout.py for the meaning of every buffer).
 struct LayerView {
@@ -44,13 +45,13 @@ struct LayerView {
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // The integer matvecs of up to kMaxVectors vectors: int8_matvec.inc (statistics block, row-major
   // scales of two superblocks of 4 tiles, and per vector its group units and sums and three int8
-  // levels of the activations) and int16_matvec.inc (per vector a tile of factors, zero-point terms,
-  // group units and two kinds of sums; second-level parameters of a chunk; two int16 levels; four
-  // padded code rows).
+  // levels of the activations) and int16_matvec.inc (two superblocks' tiles x vectors blocks of
+  // factors and zero-point terms, its tiles' second-level parameters; per vector group units, two
+  // kinds of sums and two int16 levels; four padded code rows).
   const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
   const int64_t int8 = 64 * G + 128 * G16 + n_vectors * (G + G16 + 48 * ((G + 3) / 4)) + 16;
-  const int64_t int16 = n_vectors * (kTileRows * G + kTileRows + 3 * G + 2 * kBlockCols * G / 2) + 5 * (G + 7) +
-                        (4 * (layer.qweight_row_bytes + 16)) / 4 + 1 + 8;
+  const int64_t int16 = kInt16SuperTiles * (2 * (kTileRows * G + kTileRows) + 5 * (G + 7)) +
+                        n_vectors * (3 * G + 2 * kBlockCols * G / 2) + (4 * (layer.qweight_row_bytes + 16)) / 4 + 1 + 8;
   const int64_t others = 6 * G * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
                          n_vectors * (G + 2 * layer.n_padded + 2 * kTileRows) + 16;
   const int64_t integer = n_vectors >= 1 && n_vectors <= kMaxVectors ? (int8 > int16 ? int8 : int16) : 0;

@@ -15,6 +15,7 @@ constexpr int64_t kTileRows = 16;  // rows decoded together (statistics are unpa
 constexpr int64_t kBlockCols = 16;  // weight codes unpacked together
 constexpr int kMaxVectors = 4;  // activation vectors one matvec pass serves
 constexpr int kInt16SuperTiles = 4;  // tiles whose statistics int16_matvec.inc decodes together
+constexpr int kInt16MetaChunks = 16;  // second-level chunks whose parameters it gathers together
 
 // One packed layer (see src/spqr_hf/format/layout.py for the meaning of every buffer).
 struct LayerView {
@@ -45,12 +46,12 @@ struct LayerView {
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // The integer matvecs of up to kMaxVectors vectors: int8_matvec.inc (statistics block, row-major
   // scales of two superblocks of 4 tiles, and per vector its group units and sums and three int8
-  // levels of the activations) and int16_matvec.inc (two superblocks' tiles x vectors blocks of
-  // factors and zero-point terms, its tiles' second-level parameters; per vector group units, two
-  // kinds of sums and two int16 levels; four padded code rows).
+  // levels of the activations) and int16_matvec.inc (a superblock's tiles x vectors blocks of
+  // factors and zero-point terms, its tiles' second-level parameters and a block of raw ones; per
+  // vector group units, two kinds of sums and two int16 levels; four padded code rows).
   const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
   const int64_t int8 = 64 * G + 128 * G16 + n_vectors * (G + G16 + 48 * ((G + 3) / 4)) + 16;
-  const int64_t int16 = kInt16SuperTiles * (2 * (kTileRows * G + kTileRows) + 5 * (G + 7)) +
+  const int64_t int16 = kInt16SuperTiles * (kTileRows * G + kTileRows + 4 * (G + 7)) + 2 * kInt16MetaChunks * (G + 7) +
                         n_vectors * (3 * G + 2 * kBlockCols * G / 2) + (4 * (layer.qweight_row_bytes + 16)) / 4 + 1 + 8;
   const int64_t others = 6 * G * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
                          n_vectors * (G + 2 * layer.n_padded + 2 * kTileRows) + 16;

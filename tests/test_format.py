@@ -12,6 +12,7 @@ from spqr_hf.core import SpQRParams, spqr_quantize
 from spqr_hf.format import layout
 from spqr_hf.format.pack import dequantize, pack_bits, unpack_bits
 from spqr_hf.nn import SpQRLinear
+from spqr_hf.ops import _schema
 
 from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of, random_packed
 
@@ -132,6 +133,20 @@ def test_forward_matches_float64_reference(gen, dtype, tol, lead):
     torch.testing.assert_close(got.double() / scale, expected / scale, rtol=tol, atol=tol)
     no_bias = SpQRLinear.from_packed(packed)(x)
     torch.testing.assert_close(no_bias.double() / scale, (expected - bias.double()) / scale, rtol=tol, atol=tol)
+
+
+def test_module_passes_the_operator_the_same_arguments_as_its_packed_view(gen):
+    """SpQRLinear.forward hands its buffers to the operator directly (ops.dispatch.spqr_linear_module):
+    argument for argument what op_args makes of its PackedSpQR view, before and after a buffer swap."""
+    for bias in (None, torch.randn(24, generator=gen)):
+        module = SpQRLinear.from_packed(random_packed(24, 70, gen, outlier_density=0.03), bias)
+        for _ in range(2):
+            direct = _schema.buffer_args(module._buffers, module.geometry)
+            via_view = _schema.op_args(module.packed, module.bias)
+            assert len(direct) == len(via_view) == 17
+            differing = [i for i, (a, b) in enumerate(zip(direct, via_view, strict=True)) if a is not b]
+            assert not differing, differing
+            module.qweight = module.qweight.clone()  # a replaced buffer is what the next call sees
 
 
 def test_forward_rejects_wrong_width(gen):

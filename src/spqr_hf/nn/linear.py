@@ -7,7 +7,7 @@ from torch import nn
 
 from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, dequantize
-from spqr_hf.ops.dispatch import spqr_linear
+from spqr_hf.ops.dispatch import spqr_linear_module
 
 _INT_FIELDS = ("in_features", "out_features", "bits", "groupsize", "qq_groupsize", "scale_bits", "zero_bits")
 
@@ -39,6 +39,8 @@ class SpQRLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.groupsize, self.qq_groupsize = bits, groupsize, qq_groupsize
         self.scale_bits, self.zero_bits = scale_bits, zero_bits
+        # PackedSpQR's integer fields in order: the operator's trailing arguments (ops.dispatch).
+        self.geometry = (in_features, out_features, bits, groupsize, qq_groupsize, scale_bits, zero_bits)
         shapes = layout.buffer_shapes(in_features, out_features, bits, groupsize, qq_groupsize,
                                       scale_bits, zero_bits, nnz)
         for name in ("scale_meta", "zero_meta"):
@@ -114,7 +116,7 @@ class SpQRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SpQRLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return spqr_linear(x, self.packed, self._buffers["bias"])
+        return spqr_linear_module(x, self)
 
     def extra_repr(self) -> str:
         return (

@@ -8,6 +8,8 @@ implementation gives shapes to ``torch.compile`` / meta tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from spqr_hf.format.pack import PackedSpQR
@@ -53,4 +55,14 @@ def op_args(packed: PackedSpQR, bias: torch.Tensor | None) -> tuple:
         packed.perm, packed.outlier_row_ptr, packed.outlier_col, packed.outlier_delta, bias,
         packed.in_features, packed.out_features, packed.bits, packed.groupsize, packed.qq_groupsize,
         packed.scale_bits, packed.zero_bits,
+    )
+
+
+def buffer_args(buffers: Mapping[str, torch.Tensor | None], geometry: tuple[int, ...]) -> tuple:
+    """``op_args`` from a module's buffers (``PackedSpQR``'s tensor names and ``"bias"``) and its
+    integer geometry (``PackedSpQR``'s integer fields, in order), without building a ``PackedSpQR``."""
+    b = buffers
+    return (
+        b["qweight"], b["scale_codes"], b["zero_codes"], b["scale_meta"], b["zero_meta"], b["perm"],
+        b["outlier_row_ptr"], b["outlier_col"], b["outlier_delta"], b["bias"], *geometry,
     )

@@ -15,6 +15,8 @@ from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.ops import _schema
 from spqr_hf.ops.reference import spqr_linear_reference
 
+_OP = torch.ops.spqr_hf.spqr_linear.default  # the overload itself: no overload resolution per call
+
 
 def force_reference() -> bool:
     """Whether the environment asks for the pure-torch path."""
@@ -25,4 +27,16 @@ def spqr_linear(x: torch.Tensor, packed: PackedSpQR, bias: torch.Tensor | None) 
     """``x @ W.T + bias`` for the packed weight ``W``, on the best backend for ``x.device``."""
     if force_reference():
         return spqr_linear_reference(x, packed, bias)
-    return torch.ops.spqr_hf.spqr_linear(x, *_schema.op_args(packed, bias))
+    return _OP(x, *_schema.op_args(packed, bias))
+
+
+def spqr_linear_module(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """``spqr_linear`` for an ``SpQRLinear``: its buffers go to the operator as they are.
+
+    Building a ``PackedSpQR`` and its argument tuple on every call cost ~4 of a small layer's ~20 us
+    (decoding a 1B model calls 154 layers per token).
+    """
+    buffers = layer._buffers
+    if force_reference():
+        return spqr_linear_reference(x, layer.packed, buffers["bias"])
+    return _OP(x, *_schema.buffer_args(buffers, layer.geometry))

@@ -12,7 +12,7 @@ from spqr_hf.core import SpQRParams, spqr_quantize
 from spqr_hf.format import layout
 from spqr_hf.format.pack import dequantize, pack_bits, unpack_bits
 from spqr_hf.nn import SpQRLinear
-from spqr_hf.ops import _schema
+from spqr_hf.ops import _schema, dispatch
 
 from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of, random_packed
 
@@ -147,6 +147,22 @@ def test_module_passes_the_operator_the_same_arguments_as_its_packed_view(gen):
             differing = [i for i, (a, b) in enumerate(zip(direct, via_view, strict=True)) if a is not b]
             assert not differing, differing
             module.qweight = module.qweight.clone()  # a replaced buffer is what the next call sees
+
+
+def test_forward_honours_the_torch_backend_switch(gen, monkeypatch):
+    """SPQR_HF_BACKEND=torch sends SpQRLinear.forward to the pure-torch reference, read on every call."""
+    module = SpQRLinear.from_packed(random_packed(24, 70, gen, outlier_density=0.03), torch.randn(24, generator=gen))
+    x = torch.randn(3, 70, generator=gen)
+    calls = []
+    real_reference = dispatch.spqr_linear_reference
+    monkeypatch.setattr(dispatch, "spqr_linear_reference", lambda *args: calls.append(args) or real_reference(*args))
+    monkeypatch.setenv("SPQR_HF_BACKEND", "torch")
+    forced = module(x)
+    assert len(calls) == 1 and calls[0][2] is module.bias
+    torch.testing.assert_close(forced, real_reference(x, module.packed, module.bias), rtol=0, atol=0)
+    monkeypatch.delenv("SPQR_HF_BACKEND")
+    module(x)
+    assert len(calls) == 1
 
 
 def test_forward_rejects_wrong_width(gen):

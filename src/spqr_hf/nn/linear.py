@@ -88,8 +88,7 @@ class SpQRLinear(nn.Module):
         """
         buffers = self._buffers
         return PackedSpQR(
-            self.in_features, self.out_features, self.bits, self.groupsize, self.qq_groupsize,
-            self.scale_bits, self.zero_bits,
+            *self.geometry,
             qweight=buffers["qweight"], scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
             scale_meta=buffers["scale_meta"], zero_meta=buffers["zero_meta"], perm=buffers["perm"],
             outlier_row_ptr=buffers["outlier_row_ptr"], outlier_col=buffers["outlier_col"],

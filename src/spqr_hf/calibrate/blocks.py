@@ -96,7 +96,7 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight.detach()
     if isinstance(layer, Conv1D):
         weight = weight.t()
-    return weight.to(torch.float32, copy=True).contiguous()
+    return weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # one copy, also for Conv1D
 
 
 def set_weight_matrix(layer: nn.Module, weight: torch.Tensor) -> None:

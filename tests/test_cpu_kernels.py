@@ -6,7 +6,7 @@ per output element, with ``mag = |x| @ |W|.T + |bias|`` (the sum of absolute pro
   float16   : 2**-11 * |ref| + 1e-5 * mag                 (plus rounding the output to float16)
   bfloat16  : 2**-8 * (|ref| + 2 * mag) + 1e-5 * mag      (output rounding; batched prefill also
                                                            rounds decoded weights to bfloat16)
-The integer matvecs (1-4 vectors, groups of 16) represent x per 16-column group relative to the group's
+The integer matvecs (groups of 16; 1-4 vectors, on avx2 up to 16) represent x per 16-column group relative to the group's
 largest |x|: avx512bf16 / amx in int8 levels to 2^-15 (bfloat16) or 2^-22 (float16 / float32), avx2 in
 int16 levels to 2^-16 or 2^-31; inside these bounds for the inputs drawn here.
 A wrong code, statistic, permutation or outlier shifts the output by O(mag), far above these.
@@ -31,8 +31,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
-MATVEC_MAX_BATCH = 8  # csrc/cpu/ops.cpp: larger batches take the dequantise + GEMM path (with "amx",
-# bfloat16 batches of 5 to 64 take its tile-unit GEMM: the sweeps below run batches 5, 9 and 64)
+MATVEC_MAX_BATCH = 8  # csrc/cpu/kernels.h: larger batches take the dequantise + GEMM path (with "amx",
+# bfloat16 batches of 5 to 64 take its tile-unit GEMM; with "avx2", bfloat16 batches up to 16 in groups of
+# 16 its integer matvec: the sweeps below run batches 5, 9 and 64)
 
 
 def random_packed(
@@ -152,16 +153,16 @@ def test_many_second_level_chunks(isa, qq_groupsize):
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_integer_matvec_path(isa, bits):
     """Batches 1-4 in groups of 16 take an integer matvec: on avx512bf16 / amx for codes of <= 4 bits
-    (64-column windows of four groups, superblocks of 4 tiles), on avx2 for 2-8 bits (one group per
-    register; statistics of <= 4 bits in one chunk decoded inline, others generically): widths that end
-    mid-window, mid-group or mid-word, heights that end mid-tile or mid-superblock, tall layers, rows
-    with more and fewer than 8 outliers."""
+    (64-column windows of four groups, superblocks of 4 tiles), on avx2 for 2-8 bits and up to 16
+    vectors (one group per register, vectors two at a time; statistics of <= 4 bits in one chunk decoded
+    inline, others generically): widths that end mid-window, mid-group or mid-word, heights that end
+    mid-tile or mid-superblock, tall layers, rows with more and fewer than 8 outliers, odd batches."""
     gen = torch.Generator().manual_seed(20 + bits)
     for m, n, stat_bits, qq_groupsize in [(1, 16, 3, 16), (17, 40, 2, 4), (33, 64, 4, 32), (40, 100, 16, 16),
                                           (70, 257, 3, 16), (20, 1000, 3, 64), (200, 48, 3, 16), (24, 64, 6, 16)]:
         packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
                                stat_bits=stat_bits, outlier_fraction=0.02)
-        for batch in (1, 2, 3, 4):
+        for batch in (1, 2, 3, 4, 7, 16):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 x = torch.randn(batch, n, generator=gen).to(dtype)
                 assert_close_to_reference(run_op(x, packed), x, packed, None)

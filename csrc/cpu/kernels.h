@@ -14,6 +14,10 @@ namespace cpu {
 constexpr int64_t kTileRows = 16;  // rows decoded together (statistics are unpacked 16 at a time)
 constexpr int64_t kBlockCols = 16;  // weight codes unpacked together
 constexpr int kMaxVectors = 4;  // activation vectors one matvec pass serves
+// Batches of up to kMatvecMaxBatch vectors take a kernel table's matvec, larger ones a GEMM on dequantised
+// tiles (ops.cpp); a table may raise the limit for the layers its matvec serves faster (matvec_max_batch).
+constexpr int64_t kMatvecMaxBatch = 8;
+constexpr int kInt16MaxVectors = 16;  // vectors int16_matvec.inc takes (two at a time per superblock)
 constexpr int kInt16SuperTiles = 4;  // tiles whose statistics int16_matvec.inc decodes together
 constexpr int kInt16MetaChunks = 16;  // second-level chunks whose parameters it gathers together
 
@@ -44,7 +48,7 @@ struct LayerView {
 // packed rows, and per activation vector its group sums, a bfloat16 hi/lo copy and a tile of dot
 // products and zero-point terms). Its contents are left over from earlier calls: write before reading.
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  // The integer matvecs of up to kMaxVectors vectors: int8_matvec.inc (statistics block, row-major
+  // The integer matvecs of up to kMaxVectors (int8) and kInt16MaxVectors (int16) vectors: int8_matvec.inc (statistics block, row-major
   // scales of two superblocks of 4 tiles, and per vector its group units and sums and three int8
   // levels of the activations) and int16_matvec.inc (a superblock's tiles x vectors blocks of
   // factors and zero-point terms, its tiles' second-level parameters and a block of raw ones; per
@@ -55,7 +59,9 @@ inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
                         n_vectors * (3 * G + 2 * kBlockCols * G / 2) + (4 * (layer.qweight_row_bytes + 16)) / 4 + 1 + 8;
   const int64_t others = 6 * G * kTileRows + layer.n_padded + (2 * (layer.qweight_row_bytes + 16)) / 4 + 1 +
                          n_vectors * (G + 2 * layer.n_padded + 2 * kTileRows) + 16;
-  const int64_t integer = n_vectors >= 1 && n_vectors <= kMaxVectors ? (int8 > int16 ? int8 : int16) : 0;
+  const int64_t integer = n_vectors < 1 ? 0
+                          : n_vectors <= kMaxVectors ? (int8 > int16 ? int8 : int16)
+                          : n_vectors <= kInt16MaxVectors ? int16 : 0;
   return others < integer ? integer : others;
 }
 
@@ -81,6 +87,8 @@ using GemmFn = bool (*)(const LayerView& layer, const uint16_t* xb, int64_t n_ve
                         int64_t row_begin, int64_t row_end, float* scratch);
 constexpr int64_t kGemmMaxVectors = 64;
 
+using MatvecBatchFn = int64_t (*)(const LayerView& layer);
+
 inline int64_t gemm_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   const int64_t k_tiles = (layer.n_padded + 31) / 32, passes = (n_vectors + 15) / 16;
   return 16 + (kTileRows * 32 * k_tiles + passes * k_tiles * 512) / 2;  // bfloat16 tile rows and bank
@@ -92,6 +100,7 @@ struct KernelTable {
   DequantF32Fn dequant_f32;
   DequantBf16Fn dequant_bf16;
   GemmFn gemm;  // small bfloat16 batches on a matrix unit, or nullptr
+  MatvecBatchFn matvec_max_batch;  // the largest batch the matvec takes for a layer; nullptr: kMatvecMaxBatch
 };
 
 extern const KernelTable kScalarKernels;

@@ -77,10 +77,11 @@ inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 #include "kernel_body.inc"
 #include "int16_matvec.inc"
 
-// 1-4 vectors over layers with groups of 16 take the integer path, everything else the float loop.
+// Up to kInt16MaxVectors vectors over layers with groups of 16 take the integer path, everything else
+// the float loop.
 bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, int64_t row_begin,
             int64_t row_end, float* scratch) {
-  if (n_vectors <= kMaxVectors && int16_path::covers(L)) {
+  if (n_vectors <= kInt16MaxVectors && int16_path::covers(L)) {
     bool handled = false;
     const bool ok = int16_path::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch, &handled);
     if (handled) return ok;
@@ -88,10 +89,17 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
   return detail::matvec(L, xp, n_vectors, y, y_stride, row_begin, row_end, scratch);
 }
 
+// The integer path with one int16 level (bfloat16 activations) beats dequantising for torch's GEMM up
+// to 16 vectors on a Zen 3 core (4096 x 4096: 9 vs 13 ms; float32 activations, two levels: even at
+// 12-16, so they keep kMatvecMaxBatch; benchmarks/RESULTS.md).
+int64_t matvec_max_batch(const LayerView& L) {
+  return int16_path::covers(L) && int16_path::levels_for(L) == 1 ? kInt16MaxVectors : kMatvecMaxBatch;
+}
+
 }  // namespace isa_avx2
 
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
-                                  &isa_avx2::detail::dequant_bf16};
+                                  &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch};
 
 }  // namespace cpu
 }  // namespace spqr_hf

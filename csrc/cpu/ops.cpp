@@ -4,7 +4,8 @@
 // Python exception, never reads out of bounds), then runs on torch's intra-op thread pool:
 //   * bfloat16 batches of kGemmMinBatch..kGemmMaxVectors rows, where the kernels have a matrix unit
 //     (AMX): 16-row tiles dequantised into L2 and multiplied there (gemm);
-//   * batch <= kMatvecMaxBatch rows: the matvec kernel reads the packed buffers directly;
+//   * batch <= kMatvecMaxBatch rows (kernels.h; more where the kernels' matvec_max_batch says so): the
+//     matvec kernel reads the packed buffers directly;
 //   * larger batches (prefill): row tiles of W_perm are dequantised into a cache-sized buffer
 //     (float32, or bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively) and
 //     multiplied by torch's GEMM.
@@ -29,7 +30,6 @@ namespace spqr_hf {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMatvecMaxBatch = 8;  // above this, dequantise tiles and use GEMM
 constexpr int64_t kGemmMinBatch = 5;  // bfloat16 batches from here to kGemmMaxVectors: the kernels' gemm, if any
                                       // (up to 4 vectors the matvec is as fast or faster)
 // Rows of W_perm dequantised per GEMM call. Wide: torch's bfloat16 GEMM (oneDNN, AMX on Intel Xeon)
@@ -230,7 +230,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                    [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
                      return kernels.gemm(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
                    });
-  } else if (batch <= kMatvecMaxBatch) {
+  } else if (batch <= (kernels.matvec_max_batch != nullptr ? kernels.matvec_max_batch(L) : kMatvecMaxBatch)) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     const float* xp_ptr = xp.data_ptr<float>();
     over_row_tiles(scratch_floats(L, batch), [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {

@@ -6,9 +6,9 @@ per output element, with ``mag = |x| @ |W|.T + |bias|`` (the sum of absolute pro
   float16   : 2**-11 * |ref| + 1e-5 * mag                 (plus rounding the output to float16)
   bfloat16  : 2**-8 * (|ref| + 2 * mag) + 1e-5 * mag      (output rounding; batched prefill also
                                                            rounds decoded weights to bfloat16)
-The integer matvecs (groups of 16; 1-4 vectors, on avx2 up to 16) represent x per 16-column group relative to the group's
-largest |x|: avx512bf16 / amx in int8 levels to 2^-15 (bfloat16) or 2^-22 (float16 / float32), avx2 in
-int16 levels to 2^-16 or 2^-31; inside these bounds for the inputs drawn here.
+The integer matvecs (groups of 16; 1-4 vectors, on avx2 up to 16) represent x per 16-column group
+relative to the group's largest |x|: avx512bf16 / amx in int8 levels to 2^-15 (bfloat16) or 2^-22
+(float16 / float32), avx2 in int16 levels to 2^-16 or 2^-31; inside these bounds for the inputs drawn here.
 A wrong code, statistic, permutation or outlier shifts the output by O(mag), far above these.
 """
 

@@ -14,8 +14,9 @@ namespace cpu {
 constexpr int64_t kTileRows = 16;  // rows decoded together (statistics are unpacked 16 at a time)
 constexpr int64_t kBlockCols = 16;  // weight codes unpacked together
 constexpr int kMaxVectors = 4;  // activation vectors one matvec pass serves
-// Batches of up to kMatvecMaxBatch vectors take a kernel table's matvec, larger ones a GEMM on dequantised
-// tiles (ops.cpp); a table may raise the limit for the layers its matvec serves faster (matvec_max_batch).
+// Batches of up to kMatvecMaxBatch vectors take a kernel table's matvec, larger ones a GEMM on
+// dequantised tiles (ops.cpp); a table may raise the limit for layers its matvec serves faster
+// (KernelTable::matvec_max_batch).
 constexpr int64_t kMatvecMaxBatch = 8;
 constexpr int kInt16MaxVectors = 16;  // vectors int16_matvec.inc takes (two at a time per superblock)
 constexpr int kInt16SuperTiles = 4;  // tiles whose statistics int16_matvec.inc decodes together
@@ -48,11 +49,12 @@ struct LayerView {
 // packed rows, and per activation vector its group sums, a bfloat16 hi/lo copy and a tile of dot
 // products and zero-point terms). Its contents are left over from earlier calls: write before reading.
 inline int64_t scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  // The integer matvecs of up to kMaxVectors (int8) and kInt16MaxVectors (int16) vectors: int8_matvec.inc (statistics block, row-major
+  // The integer matvecs: int8_matvec.inc, up to kMaxVectors vectors (statistics block, row-major
   // scales of two superblocks of 4 tiles, and per vector its group units and sums and three int8
-  // levels of the activations) and int16_matvec.inc (a superblock's tiles x vectors blocks of
-  // factors and zero-point terms, its tiles' second-level parameters and a block of raw ones; per
-  // vector group units, two kinds of sums and two int16 levels; four padded code rows).
+  // levels of the activations), and int16_matvec.inc, up to kInt16MaxVectors (a superblock's tiles x
+  // chunk vectors blocks of factors and zero-point terms, its tiles' second-level parameters and a
+  // block of raw ones; per vector group units, two kinds of sums and two int16 levels; four padded
+  // code rows).
   const int64_t G = layer.n_groups, G16 = (G + 15) / 16 * 16;
   const int64_t int8 = 64 * G + 128 * G16 + n_vectors * (G + G16 + 48 * ((G + 3) / 4)) + 16;
   const int64_t int16 = kInt16SuperTiles * (kTileRows * G + kTileRows + 4 * (G + 7)) + 2 * kInt16MetaChunks * (G + 7) +

@@ -90,8 +90,8 @@ bool matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, in
 }
 
 // The integer path with one int16 level (bfloat16 activations) beats dequantising for torch's GEMM up
-// to 16 vectors on a Zen 3 core (4096 x 4096: 9 vs 13 ms; float32 activations, two levels: even at
-// 12-16, so they keep kMatvecMaxBatch; benchmarks/RESULTS.md).
+// to 16 vectors on a Zen 3 core (4096 x 4096, 16 vectors: 8-9 vs 12-13 ms); with two levels (float32,
+// float16) it only ties it at 12-16, so those keep kMatvecMaxBatch (benchmarks/RESULTS.md).
 int64_t matvec_max_batch(const LayerView& L) {
   return int16_path::covers(L) && int16_path::levels_for(L) == 1 ? kInt16MaxVectors : kMatvecMaxBatch;
 }

@@ -4,10 +4,12 @@ The model is ``transformers.LlamaForCausalLM`` built from a config (hidden 2048,
 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000) with random weights. For the SpQR run every
 decoder ``nn.Linear`` (154 of them) is replaced by ``SpQRLinear.from_packed`` of random, valid
 packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and ~1% outliers
-(embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model). All three are
-measured in this one process, one after the other.
+(embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model). Each model runs in
+its own child process (so its RSS is its own), one after the other; with ``--rounds N`` the three
+run N times in turn and the table shows median tokens/s and the range of the per-round ratios (the
+machines are noisy: dense bfloat16 alone varied 6.7-8.1 tokens/s within one session).
 
-    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 8] [--threads N]
+    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 8] [--threads N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="run the three models this many times in turn")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one model per child process
     args = parser.parse_args()
     if args.threads:
@@ -124,21 +128,29 @@ def main() -> None:
         run_one(args.only, args)
         return
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  new tokens={args.new_tokens}  "
-          "(each model in its own child process, so RSS is that model's)")
+          f"rounds={args.rounds}  (each model in its own child process, so RSS is that model's)")
+    labels = ("dense float32", "dense bfloat16", "SpQR 3-bit")
+    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
+    for _ in range(args.rounds):
+        for label in labels:
+            command = [sys.executable, __file__, "--only", label, "--new-tokens", str(args.new_tokens),
+                       "--prompt-tokens", str(args.prompt_tokens), "--threads", str(torch.get_num_threads())]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[label].append(tuple(float(v) for v in output.split("RESULT ")[-1].split()))
     print(f"{'model':>16} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
           f"{'weights vs bf16':>16}")
-    results = {}
-    for label in ("dense float32", "dense bfloat16", "SpQR 3-bit"):
-        command = [sys.executable, __file__, "--only", label, "--new-tokens", str(args.new_tokens),
-                   "--prompt-tokens", str(args.prompt_tokens), "--threads", str(torch.get_num_threads())]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        tps, weights, rss = (float(v) for v in output.split("RESULT ")[-1].split())
-        results[label] = (tps, weights, rss)
-        bf16 = results.get("dense bfloat16")
-        speed = f"{tps / bf16[0]:13.2f}x" if bf16 else f"{'-':>14}"
-        size = f"{weights / bf16[1]:15.2f}x" if bf16 else f"{'-':>16}"
-        print(f"{label:>16} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed} {size}")
-
+    bf16_tps = [r[0] for r in runs["dense bfloat16"]]
+    bf16_weights = runs["dense bfloat16"][0][1]
+    for label in labels:
+        tps = statistics.median(r[0] for r in runs[label])
+        weights, rss = runs[label][0][1], max(r[2] for r in runs[label])
+        speed = "-" if label == "dense float32" else f"{tps / statistics.median(bf16_tps):.2f}x"
+        size = "-" if label == "dense float32" else f"{weights / bf16_weights:.2f}x"
+        print(f"{label:>16} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
+    if args.rounds > 1:
+        ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs["SpQR 3-bit"], bf16_tps, strict=True)]
+        print(f"SpQR / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+              f"(median {statistics.median(ratios):.2f}x)")
 
 if __name__ == "__main__":
     main()

@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run the three models this many times in turn")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one model per child process
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not _extension.native_available():
@@ -151,6 +153,7 @@ def main() -> None:
         ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs["SpQR 3-bit"], bf16_tps, strict=True)]
         print(f"SpQR / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
               f"(median {statistics.median(ratios):.2f}x)")
+
 
 if __name__ == "__main__":
     main()

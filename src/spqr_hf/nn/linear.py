@@ -9,6 +9,7 @@ from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, dequantize
 from spqr_hf.ops.dispatch import spqr_linear_module
 
+# PackedSpQR's integer fields, in its (and the operator's) order.
 _INT_FIELDS = ("in_features", "out_features", "bits", "groupsize", "qq_groupsize", "scale_bits", "zero_bits")
 
 
@@ -40,7 +41,7 @@ class SpQRLinear(nn.Module):
         self.bits, self.groupsize, self.qq_groupsize = bits, groupsize, qq_groupsize
         self.scale_bits, self.zero_bits = scale_bits, zero_bits
         # PackedSpQR's integer fields in order: the operator's trailing arguments (ops.dispatch).
-        self.geometry = (in_features, out_features, bits, groupsize, qq_groupsize, scale_bits, zero_bits)
+        self.geometry = tuple(getattr(self, name) for name in _INT_FIELDS)
         shapes = layout.buffer_shapes(in_features, out_features, bits, groupsize, qq_groupsize,
                                       scale_bits, zero_bits, nnz)
         for name in ("scale_meta", "zero_meta"):

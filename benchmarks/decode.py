@@ -15,6 +15,7 @@ machines are noisy: dense bfloat16 alone varied 6.7-8.1 tokens/s within one sess
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -26,6 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels import random_packed
+from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension
 
@@ -48,6 +50,11 @@ def weight_mib(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def spqr_copy(packed: PackedSpQR) -> SpQRLinear:
+    """An SpQRLinear holding its own copy of ``packed``'s tensors (each layer reads its own memory)."""
+    return SpQRLinear.from_packed(dataclasses.replace(packed, **{k: t.clone() for k, t in packed.tensors().items()}))
+
+
 def to_spqr(model: LlamaForCausalLM) -> None:
     """Swap every decoder projection for an SpQRLinear (one random packed layer per shape, cloned)."""
     templates = {}
@@ -59,10 +66,7 @@ def to_spqr(model: LlamaForCausalLM) -> None:
             shape = (linear.out_features, linear.in_features)
             if shape not in templates:
                 templates[shape] = random_packed(*shape, seed=len(templates))
-            packed = templates[shape]
-            clone = type(packed)(**{k: v.clone() if isinstance(v, torch.Tensor) else v
-                                    for k, v in packed.__dict__.items()})
-            setattr(parent, name, SpQRLinear.from_packed(clone))
+            setattr(parent, name, spqr_copy(templates[shape]))
     gc.collect()
 
 

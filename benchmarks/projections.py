@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from decode import PROJECTIONS, tinyllama_config
+from decode import PROJECTIONS, spqr_copy, tinyllama_config
 from kernels import random_packed
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension
@@ -43,9 +43,7 @@ def spqr_layers() -> list[SpQRLinear]:
     layers = []
     for _ in range(tinyllama_config().num_hidden_layers):
         for shape in layer_shapes():
-            packed = templates[shape]
-            layers.append(SpQRLinear.from_packed(type(packed)(**{
-                k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in packed.__dict__.items()})))
+            layers.append(spqr_copy(templates[shape]))
     return layers
 
 
@@ -57,7 +55,6 @@ def dense_layers() -> list[torch.nn.Linear]:
             layer = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
             weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16)
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-            layer.in_features = in_features
             layers.append(layer)
     return layers
 

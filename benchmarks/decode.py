@@ -4,10 +4,12 @@ The model is ``transformers.LlamaForCausalLM`` built from a config (hidden 2048,
 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000) with random weights. For the SpQR run every
 decoder ``nn.Linear`` (154 of them) is replaced by ``SpQRLinear.from_packed`` of random, valid
 packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and ~1% outliers
-(embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model). Each model runs in
-its own child process (so its RSS is its own), one after the other; with ``--rounds N`` the three
-run N times in turn and the table shows median tokens/s and the range of the per-round ratios (the
-machines are noisy: dense bfloat16 alone varied 6.7-8.1 tokens/s within one session).
+(embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model and the paper). The
+"SpQR 3-bit + head" model also has its lm_head (32000 x 2048) packed at that setting, as
+``SpQRConfig(quantize_lm_head=True)`` gives. Each model runs in its own child process (so its RSS
+is its own), one after the other; with ``--rounds N`` the models run N times in turn and the table
+shows median tokens/s and the per-round ratios (the machines are noisy: dense bfloat16 alone varied
+6.7-8.1 tokens/s within one session).
 
     python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 8] [--threads N] [--rounds N]
 """
@@ -31,6 +33,7 @@ from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension
 
+SPQR, SPQR_HEAD = "SpQR 3-bit", "SpQR 3-bit + head"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -87,12 +90,14 @@ def build(label: str) -> LlamaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        if label != "SpQR 3-bit":
+        if not label.startswith("SpQR"):
             return LlamaForCausalLM(config).eval()
         with torch.device("meta"):  # skeleton only: decoder projections become SpQRLinear below
             model = LlamaForCausalLM(config)
         to_spqr(model)
-        for module in model.modules():  # materialise what stays dense: embeddings, norms, lm_head
+        if label == SPQR_HEAD:
+            model.lm_head = spqr_copy(random_packed(config.vocab_size, config.hidden_size, seed=99))
+        for module in model.modules():  # materialise what stays dense: embeddings, norms, lm_head (unless packed)
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.is_meta:
                     value = torch.ones(param.shape) if "norm" in type(module).__name__.lower() else (
@@ -121,7 +126,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=1, help="run the three models this many times in turn")
+    parser.add_argument("--rounds", type=int, default=1, help="run the models this many times in turn")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one model per child process
     args = parser.parse_args()
     if args.rounds < 1:
@@ -135,7 +140,7 @@ def main() -> None:
         return
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  new tokens={args.new_tokens}  "
           f"rounds={args.rounds}  (each model in its own child process, so RSS is that model's)")
-    labels = ("dense float32", "dense bfloat16", "SpQR 3-bit")
+    labels = ("dense float32", "dense bfloat16", SPQR, SPQR_HEAD)
     runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
     for _ in range(args.rounds):
         for label in labels:
@@ -143,7 +148,7 @@ def main() -> None:
                        "--prompt-tokens", str(args.prompt_tokens), "--threads", str(torch.get_num_threads())]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[label].append(tuple(float(v) for v in output.split("RESULT ")[-1].split()))
-    print(f"{'model':>16} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
+    print(f"{'model':>18} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
           f"{'weights vs bf16':>16}")
     bf16_tps = [r[0] for r in runs["dense bfloat16"]]
     bf16_weights = runs["dense bfloat16"][0][1]
@@ -152,11 +157,12 @@ def main() -> None:
         weights, rss = runs[label][0][1], max(r[2] for r in runs[label])
         speed = "-" if label == "dense float32" else f"{tps / statistics.median(bf16_tps):.2f}x"
         size = "-" if label == "dense float32" else f"{weights / bf16_weights:.2f}x"
-        print(f"{label:>16} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
+        print(f"{label:>18} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
     if args.rounds > 1:
-        ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs["SpQR 3-bit"], bf16_tps, strict=True)]
-        print(f"SpQR / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
-              f"(median {statistics.median(ratios):.2f}x)")
+        for label in (SPQR, SPQR_HEAD):
+            ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs[label], bf16_tps, strict=True)]
+            print(f"{label} / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+                  f"(median {statistics.median(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

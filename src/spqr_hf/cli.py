@@ -57,6 +57,8 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="calibration windows per forward pass (default: ~8192 tokens)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the output layer (off by default, as in the paper)")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE", help="modules to keep in full precision")
     p.add_argument("--block-name", help="path of the decoder block list, for architectures not found automatically")
     p.add_argument("--device", help="calibration device (default: cuda if available, else cpu)")
@@ -76,6 +78,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         qq_zero_bits=args.qq_zero_bits, outlier_threshold=args.outlier_threshold, damp_percent=args.damp_percent,
         act_order=args.act_order, dataset=args.dataset, tokenizer=args.tokenizer or args.model,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=args.skip,
+        quantize_lm_head=args.quantize_lm_head,
         true_sequential=args.true_sequential, block_name_to_quantize=args.block_name, device=args.device,
         batch_size=args.batch_size,
     )

@@ -58,7 +58,9 @@ class SpQRConfig(QuantizationConfigMixin):
     CPU), ``batch_size`` (calibration windows per forward pass; default about 8192 tokens),
     ``calibration_dtype`` (dtype of the calibration forward passes: "auto" = bfloat16 on CPUs
     with native bfloat16 matmuls for float32 models, else the model's dtype; the engine always
-    quantizes the original weights).
+    quantizes the original weights), ``quantize_lm_head`` (also quantize the output layer, after
+    the blocks: off by default, as in the paper; a tied head gets its own packed copy and the
+    saved config unties it).
 
     Written by quantization, read back on load: ``quantized_layers`` (module name -> number of
     outliers, which sizes that layer's sparse buffers) and ``quantization_summary`` (average
@@ -89,6 +91,7 @@ class SpQRConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         batch_size: int | None = None,
         calibration_dtype: str = "auto",
+        quantize_lm_head: bool = False,
         quantized_layers: dict[str, int] | None = None,
         quantization_summary: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -134,6 +137,9 @@ class SpQRConfig(QuantizationConfigMixin):
         self.batch_size = batch_size
         check_calibration_dtype(calibration_dtype)
         self.calibration_dtype = calibration_dtype
+        if not isinstance(quantize_lm_head, bool):
+            raise ValueError(f"quantize_lm_head={quantize_lm_head!r} must be True or False")
+        self.quantize_lm_head = quantize_lm_head
         self.quantized_layers = _check_layers(quantized_layers)
         self.quantization_summary = quantization_summary
         for key, value in kwargs.items():

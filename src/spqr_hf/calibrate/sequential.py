@@ -35,6 +35,14 @@ from spqr_hf.calibrate.blocks import (
     set_weight_matrix,
     weight_matrix,
 )
+from spqr_hf.calibrate.forward import (
+    StopForward,
+    block_output,
+    blocks_replaced,
+    outside_modules_on,
+    run_until_stopped,
+)
+from spqr_hf.calibrate.head import output_layer, output_layer_hessian, untie_output_layer
 from spqr_hf.calibrate.replay import FrozenChildCache, first_tensor
 from spqr_hf.config import check_calibration_dtype
 from spqr_hf.core.hessian import HessianAccumulator
@@ -108,10 +116,6 @@ class QuantizationReport:
         return {"summary": self.summary(), "layers": [asdict(layer) for layer in self.layers]}
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once everything needed was seen."""
-
-
 def calibration_device(requested: str | torch.device | None) -> torch.device:
     """``requested`` if set, else CUDA when available, else CPU."""
     if requested is not None:
@@ -138,44 +142,25 @@ class _BlockCall:
     kwargs: list[dict[str, Any]]  # per block (entries are the same object when identical)
 
 
-def _has_own_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
-
-
-def _outside_modules(model: nn.Module, block_name: str) -> list[nn.Module]:
-    """Modules that hold parameters/buffers directly and are not inside the block list."""
-    out = []
-    for name, module in model.named_modules():
-        inside = name == block_name or name.startswith(block_name + ".")
-        if not inside and _has_own_tensors(module):
-            out.append(module)
-    return out
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block_name: str, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int,
     device: torch.device, activation_device: torch.device,
-) -> tuple[list[torch.Tensor], list[_BlockCall]]:
-    """Hidden states entering block 0 (one tensor per batch) and every block's call arguments."""
+) -> tuple[list[torch.Tensor], list[_BlockCall], int]:
+    """Hidden states entering block 0 (one tensor per batch), every block's call arguments, and the
+    blocks' output structure (0: a tensor, else the length of the tuple they return)."""
     first_batch = windows[:batch_size].to(device)
     records: dict[str, Any] = {}
 
     def learn(module, args, kwargs):
         records["args"], records["kwargs"] = args, kwargs
-        raise _Stop
+        raise StopForward
 
-    outside = _outside_modules(model, block_name)
-    homes = [next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))).device for m in outside]
-    for module in outside:
-        module.to(device)
-    try:
+    with outside_modules_on(model, block_name, device):
         # Learn the output structure of a real block (tensor or tuple) once, on the first batch.
         handle = blocks[0].register_forward_pre_hook(learn, with_kwargs=True)
         try:
-            model(input_ids=first_batch, attention_mask=torch.ones_like(first_batch), use_cache=False)
-        except _Stop:
-            pass
+            run_until_stopped(model, first_batch)
         finally:
             handle.remove()
         if "args" not in records:
@@ -204,39 +189,17 @@ def capture_block_inputs(
                     previous[k] is kwargs[k] for k in kwargs)
                 current["kwargs"].append(previous if same else dict(kwargs))
                 if index == len(blocks) - 1:
-                    raise _Stop
-                return state if tuple_len == 0 else (state,) + (None,) * (tuple_len - 1)
+                    raise StopForward
+                return block_output(state, tuple_len)
             return hook
 
-        originals = []
-        for index, block in enumerate(blocks):
-            originals.append(block.forward)
-            block.forward = _passthrough(catcher(index))
-        try:
+        with blocks_replaced(blocks, catcher):
             for start in range(0, windows.shape[0], batch_size):
-                batch = windows[start:start + batch_size].to(device)
-                try:
-                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-                except _Stop:
-                    pass
+                run_until_stopped(model, windows[start:start + batch_size].to(device))
                 hidden.append(current["hidden"].to(activation_device))
                 calls.append(_BlockCall(args=current["args"], kwargs=current["kwargs"]))
                 current.clear()
-        finally:
-            for block, forward in zip(blocks, originals, strict=True):
-                block.forward = forward
-                if "forward" in block.__dict__:
-                    del block.__dict__["forward"]
-    finally:
-        for module, home in zip(outside, homes, strict=True):
-            module.to(home)
-    return hidden, calls
-
-
-def _passthrough(hook: Callable) -> Callable:
-    def forward(*args, **kwargs):
-        return hook(None, args, kwargs)
-    return forward
+    return hidden, calls, tuple_len
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, call: _BlockCall, index: int, device: torch.device) -> Any:
@@ -291,7 +254,7 @@ def _accumulate(block: nn.Module, linears: dict[str, nn.Module], groups: list[li
             if stop:
                 if cache is not None:
                     cache.keep_tail_input(owner, args[0], block_input)
-                raise _Stop
+                raise StopForward
         handles.append(linears[owner].register_forward_pre_hook(hook))
     try:
         for batch, (state, call) in enumerate(zip(hidden, calls, strict=True)):
@@ -300,7 +263,7 @@ def _accumulate(block: nn.Module, linears: dict[str, nn.Module], groups: list[li
                 cache.begin_pass(batch)
             try:
                 _run_block(block, state, call, index, device)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for handle in handles:
@@ -373,6 +336,35 @@ def _layer_report(name: str, weight: torch.Tensor, recon: torch.Tensor, hessian:
     return report
 
 
+def _quantize_group(weights: list[torch.Tensor], hessian: torch.Tensor, params: SpQRParams,
+                    layer_quantizer: LayerQuantizer | None) -> tuple[list[SpQRResult], float]:
+    """Layers that share ``hessian`` (q/k/v, ...), quantized; with the seconds spent per layer."""
+    start = time.perf_counter()
+    if layer_quantizer is None:
+        results = spqr_quantize_shared(weights, hessian, params, keep_reconstruction=True)
+    else:
+        results = [layer_quantizer(w, hessian, params) for w in weights]
+    return results, (time.perf_counter() - start) / len(weights)
+
+
+def _quantize_output_layer(model: nn.Module, hessian: torch.Tensor, params: SpQRParams, device: torch.device,
+                           layer_quantizer: LayerQuantizer | None, report: QuantizationReport,
+                           quantized_layers: dict[str, int]) -> None:
+    """Replace the output layer by its SpQR layer (quantized on ``device``, kept where it was)."""
+    name, head = output_layer(model)
+    home = head.weight.device
+    weight = weight_matrix(head).to(device)
+    [result], seconds = _quantize_group([weight], hessian, params, layer_quantizer)
+    recon = result.reconstruction if result.reconstruction is not None else dequantize(result.packed)
+    report.layers.append(_layer_report(name, weight, recon, hessian, result, seconds))
+    quantized_layers[name] = result.packed.nnz
+    bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
+    module = SpQRLinear.from_packed(result.packed, bias).to(home)
+    module.source_type = type(head).__name__
+    _set_module(model, name, module)
+    untie_output_layer(model, name)
+
+
 def _default_batch_size(seqlen: int, nsamples: int) -> int:
     return max(1, min(nsamples, _TOKENS_PER_BATCH // max(1, seqlen)))
 
@@ -393,7 +385,8 @@ def quantize_model(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
-    """Quantize every linear inside the decoder blocks of ``model`` in place; return the report.
+    """Quantize every linear inside the decoder blocks of ``model`` in place (and its output layer
+    with ``quantize_lm_head``, after them); return the report.
 
     ``config`` is an :class:`~spqr_hf.config.SpQRConfig` (engine settings, ``true_sequential``,
     ``modules_to_not_convert``, ``block_name_to_quantize``, ``device``); ``windows`` are the
@@ -416,7 +409,8 @@ def quantize_model(
     report = QuantizationReport(params=params)
     quantized_layers: dict[str, int] = {}
 
-    hidden, calls = capture_block_inputs(model, block_name, blocks, windows, batch_size, device, activation_device)
+    hidden, calls, tuple_len = capture_block_inputs(model, block_name, blocks, windows, batch_size, device,
+                                                    activation_device)
     compute_dtype = calibration_dtype(getattr(config, "calibration_dtype", "auto"), model, device)
     hidden = [h.to(compute_dtype) for h in hidden]
     calls = [_cast_call(call, compute_dtype) for call in calls]
@@ -446,13 +440,8 @@ def quantize_model(
                 hessians = _accumulate(work, work_linears, stage, hidden, calls, index, device, cache)
                 for group in stage:
                     hessian = hessians.pop(group[0]).hessian
-                    group_start = time.perf_counter()
                     weights = [weight_matrix(linears[name]) for name in group]
-                    if layer_quantizer is None:
-                        group_results = spqr_quantize_shared(weights, hessian, params, keep_reconstruction=True)
-                    else:
-                        group_results = [layer_quantizer(w, hessian, params) for w in weights]
-                    seconds = (time.perf_counter() - group_start) / len(group)
+                    group_results, seconds = _quantize_group(weights, hessian, params, layer_quantizer)
                     for name, weight, result in zip(group, weights, group_results, strict=True):
                         recon = result.reconstruction
                         if recon is None:
@@ -482,6 +471,10 @@ def quantize_model(
         raise ValueError(
             f"no linear layer inside {block_name} was quantized (all skipped by modules_to_not_convert={skip}?)"
         )
+    if getattr(config, "quantize_lm_head", False):
+        hessian = output_layer_hessian(model, block_name, blocks, windows, batch_size, hidden, tuple_len, device)
+        del hidden, calls
+        _quantize_output_layer(model, hessian, params, device, layer_quantizer, report, quantized_layers)
     report.seconds = time.perf_counter() - start
     config.quantized_layers = {**(getattr(config, "quantized_layers", None) or {}), **quantized_layers}
     config.quantization_summary = report.summary()

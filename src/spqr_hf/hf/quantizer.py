@@ -15,6 +15,7 @@ from transformers.quantizers import HfQuantizer
 
 from spqr_hf.calibrate.blocks import find_block_list, find_linears, is_skipped
 from spqr_hf.calibrate.data import get_calibration_data
+from spqr_hf.calibrate.head import check_output_layer
 from spqr_hf.calibrate.sequential import quantize_model
 from spqr_hf.hf.card import install_save_hooks, remove_save_hooks
 from spqr_hf.hf.integration import (
@@ -76,6 +77,8 @@ class SpQRHfQuantizer(HfQuantizer):
             check_checkpoint_tensors(model, kwargs.get("checkpoint_files"), names)
             return model
         _check_something_to_quantize(model, config)  # fail before loading weights
+        if config.quantize_lm_head:
+            check_output_layer(model, config.modules_to_not_convert)
         tokenizer = config.tokenizer or getattr(model.config, "name_or_path", None) or None
         if config.tokenizer is None and isinstance(tokenizer, str):
             config.tokenizer = tokenizer

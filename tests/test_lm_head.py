@@ -88,6 +88,7 @@ def test_quantized_head_saves_and_reloads_bit_exact(tmp_path, tied):
     assert saved["tie_word_embeddings"] is False
     assert saved["quantization_config"]["quantize_lm_head"] is True
     assert "lm_head" in saved["quantization_config"]["quantized_layers"]
+    assert "the LM head is quantized too" in (tmp_path / "q" / "README.md").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert isinstance(reloaded.lm_head, SpQRLinear)
     assert torch.equal(reloaded.lm_head.dequantize(), model.lm_head.dequantize())

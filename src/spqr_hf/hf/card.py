@@ -18,13 +18,15 @@ def card_section(config: Any) -> str:
     summary = getattr(config, "quantization_summary", None) or {}
     tau = config.outlier_threshold
     stat = lambda bits: "float16" if bits == 16 else f"{bits}-bit"  # noqa: E731
+    kept = ("The embeddings stay in full precision; the LM head is quantized too (quantize_lm_head)."
+            if getattr(config, "quantize_lm_head", False) else "Embeddings and the LM head stay in full precision.")
     lines = [
         BEGIN,
         "## SpQR quantization (spqr_hf)",
         "",
         "The linear layers of the decoder blocks are quantized with **SpQR** (Sparse-Quantized Representation, "
         "Dettmers et al., ICLR 2024): GPTQ-style error feedback in small groups with quantized statistics, plus a "
-        "sparse set of exact float16 outlier weights. Embeddings and the LM head stay in full precision.",
+        f"sparse set of exact float16 outlier weights. {kept}",
         "",
         "| setting | value |",
         "|---|---|",

@@ -53,6 +53,28 @@ float* thread_scratch(int64_t floats) {
   return buffer.data();
 }
 
+// The calling thread's float32 result of a matvec / gemm call before finish_rows converts it (the
+// worker threads write their rows of it). Kept between calls, like thread_scratch.
+float* result_scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
+  return buffer.data();
+}
+
+// out[v, r] = y[v * m + r] + bias[r] (bias may be null) for rows [row_begin, row_end) of every vector,
+// in out's dtype (the same rounding as a float32 tensor's .to()). y may be out's own float32 data.
+void finish_rows(float* y, int64_t batch, int64_t m, int64_t row_begin, int64_t row_end, const float* bias,
+                 const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "spqr_finish_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t v = 0; v < batch; ++v)
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const float value = bias != nullptr ? y[v * m + r] + bias[r] : y[v * m + r];
+        o[v * m + r] = static_cast<scalar_t>(value);
+      }
+  });
+}
+
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), "spqr_linear: packed tensor '", name, "' is on ", t.device(),
               "; move the whole layer to the CPU");
@@ -213,13 +235,21 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
   const int64_t n_tiles = num_groups(m, kTileRows);
   std::atomic<bool> ok{true};
-  at::Tensor y;  // [batch, m]
-  // y (float32) from kernel(y, row_begin, row_end, scratch) over the row tiles, split across threads.
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor y;  // [batch, m] (prefill path)
+  at::Tensor out;  // the result in x's dtype and shape (matvec and gemm paths)
+  // out from kernel(y, row_begin, row_end, scratch) over the row tiles, split across threads: each
+  // thread adds the bias to its rows and converts them to x's dtype. (A float32 result converted
+  // afterwards by .to() cost a tensor and a TensorIterator per call: ~2 us of a small layer's ~20.)
   const auto over_row_tiles = [&](int64_t floats, auto&& kernel) {
-    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
-    float* y_ptr = y.data_ptr<float>();
+    out = at::empty(out_shape, x.options());
+    const bool direct = x.scalar_type() == at::kFloat;
+    float* y_ptr = direct ? out.data_ptr<float>() : result_scratch(batch * m);
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      if (!kernel(y_ptr, begin * kTileRows, std::min(end * kTileRows, m), thread_scratch(floats))) ok = false;
+      const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, m);
+      if (!kernel(y_ptr, row_begin, row_end, thread_scratch(floats))) ok = false;
+      if (!direct || bias_ptr != nullptr) finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
     });
   };
   if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
@@ -266,7 +296,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   TORCH_CHECK(ok.load(), "spqr_linear: 'outlier_col' holds a column index >= in_features=", n,
               " (corrupted checkpoint?)");
-  if (bias.has_value()) y = y.to(at::kFloat).add_(bias->to(at::kFloat));
+  if (out.defined()) return out;
+  if (bias_f.defined()) y = y.to(at::kFloat).add_(bias_f);
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 

@@ -33,6 +33,10 @@ ROWS: dict[str, dict | None] = {
     "spqr-w3": dict(method="spqr", bits=3, groupsize=16, qq_groupsize=16, outlier_threshold=0.2),
     "spqr-w4": dict(method="spqr", bits=4, groupsize=16, qq_groupsize=16, outlier_threshold=0.2),
     "spqr-w3-8x64": dict(method="spqr", bits=3, groupsize=8, qq_groupsize=64, outlier_threshold=0.2),
+    # The output layer quantized too (SpQRConfig(quantize_lm_head=True)); its bits count in the averages,
+    # and the row also scores the same quantized blocks with the original head ("perplexity_dense_head").
+    "spqr-w3-head": dict(method="spqr", bits=3, groupsize=16, qq_groupsize=16, outlier_threshold=0.2,
+                         quantize_lm_head=True),
 }
 REFERENCE = {  # the public reference code on the same protocol (issue 4): perplexity, formula bits
     "baseline": (18.36, 16.0), "spqr-w3": (22.40, 4.19), "spqr-w4": (19.43, 4.64),
@@ -75,6 +79,7 @@ def run_row(name: str, quick: bool) -> dict:
         if method == "rtn":  # no Hessian needed: calibrate on one short window only
             windows = windows[:1, :16]
             quantizer = lambda weight, hessian, params: round_to_nearest(weight, params)  # noqa: E731
+        dense_head = model.get_output_embeddings().weight.detach().clone() if config.quantize_lm_head else None
         start = time.perf_counter()
         report = quantize_model(model, config, windows, layer_quantizer=quantizer, progress=False)
         row["quantize_seconds"] = time.perf_counter() - start
@@ -90,6 +95,10 @@ def run_row(name: str, quick: bool) -> dict:
         dequantize_model(model, torch.float32)  # bit-identical weights, dense matmuls for speed
         model.float()
     row["perplexity"] = perplexity(model, split.evaluation, eval_len, eval_windows, progress=False)
+    if spec is not None and dense_head is not None:
+        # The same quantized blocks with the original head put back: the head's own share of the loss.
+        model.get_output_embeddings().weight.data.copy_(dense_head)
+        row["perplexity_dense_head"] = perplexity(model, split.evaluation, eval_len, eval_windows, progress=False)
     return row
 
 
@@ -114,7 +123,11 @@ def markdown(rows: list[dict], quick: bool = False) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,7 +20,7 @@ def quantized_dir(tmp_path_factory):
     text.write_text("\n".join(synthetic_text(200, seed=5)))
     out, report = root / "q", root / "report.json"
     code = main(["quantize", source, str(out), "--dataset", str(text), "--bits", "4", "--nsamples", "4",
-                 "--seqlen", "32", "--outlier-threshold", "inf", "--report", str(report)])
+                 "--seqlen", "32", "--outlier-threshold", "inf", "--quantize-lm-head", "--report", str(report)])
     assert code == 0
     return out, report, source, text
 
@@ -29,6 +29,7 @@ def test_quantize_writes_checkpoint_tokenizer_and_report(quantized_dir, capsys):
     out, report, _, _ = quantized_dir
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 4 and config["outlier_threshold"] == "inf" and config["quantized_layers"]
+    assert config["quantize_lm_head"] is True and "lm_head" in config["quantized_layers"]
     assert (out / "tokenizer.json").exists() and (out / "README.md").exists()
     data = json.loads(report.read_text())
     assert len(data["layers"]) == len(config["quantized_layers"])

@@ -20,7 +20,8 @@ class StopForward(Exception):
     """Raised from a hook to end a forward pass once everything needed was seen."""
 
 
-def _has_own_tensors(module: nn.Module) -> bool:
+def has_own_tensors(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters or buffers itself (not only through children)."""
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
@@ -29,7 +30,7 @@ def outside_modules(model: nn.Module, block_name: str) -> list[nn.Module]:
     out = []
     for name, module in model.named_modules():
         inside = name == block_name or name.startswith(block_name + ".")
-        if not inside and _has_own_tensors(module):
+        if not inside and has_own_tensors(module):
             out.append(module)
     return out
 

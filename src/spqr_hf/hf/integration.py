@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spqr_hf.calibrate.blocks import in_out_features, is_quantizable_linear
+from spqr_hf.calibrate.forward import has_own_tensors
 from spqr_hf.nn.linear import SpQRLinear
 
 _SAFETENSORS_DTYPES = {"I32": torch.int32, "I16": torch.int16, "F16": torch.float16, "F32": torch.float32,
@@ -39,10 +40,6 @@ def resolve_module_name(model: nn.Module, name: str) -> str | None:
     if prefix and f"{prefix}.{name}" in names:
         return f"{prefix}.{name}"
     return None
-
-
-def _has_own_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -89,7 +86,7 @@ def replace_with_spqr_placeholders(model: nn.Module, config: Any) -> dict[str, s
         _set_module(model, name, placeholder_for(layer, config, nnz))
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
-        if not _has_own_tensors(parent):
+        if not has_own_tensors(parent):
             # Parents without tensors of their own have nothing to initialise; some models' init code
             # (GPT-2's scaled c_proj init) would otherwise reach for the replaced layer's `.weight`.
             parent._is_hf_initialized = True

@@ -117,3 +117,21 @@ def test_head_both_quantized_and_skipped_is_refused_before_loading(tmp_path, mon
 def test_quantize_lm_head_must_be_a_bool():
     with pytest.raises(ValueError, match="quantize_lm_head='yes' must be True or False"):
         quant_config(quantize_lm_head="yes")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "falcon"])
+def test_quantized_head_round_trip_across_architectures(tmp_path, arch):
+    """Heads tied to their embeddings by default (GPT-2, OPT, Falcon): packed, untied, reloaded."""
+    source = save_tiny_model(tmp_path / "fp", arch, seed=5)
+    full = AutoModelForCausalLM.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant_config())
+    assert isinstance(model.get_output_embeddings(), SpQRLinear)
+    assert torch.equal(model.get_input_embeddings().weight, full.get_input_embeddings().weight)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        quantized = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(reloaded.get_output_embeddings(), SpQRLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, quantized)

@@ -23,6 +23,7 @@ def test_pack_unpack_round_trip_and_bit_order(gen, bits):
         codes = torch.randint(0, 1 << bits, (rows, count), generator=gen)
         words = pack_bits(codes, bits)
         assert words.dtype == torch.int32 and words.shape == (rows, layout.words_for(count, bits))
+        assert words.is_contiguous(), "the CPU op would copy a strided stream on every call"
         assert torch.equal(unpack_bits(words, count, bits), codes)
         for r in range(rows):  # independent reference: one big little-endian integer per row
             stream = sum(int(c) << (bits * k) for k, c in enumerate(codes[r].tolist()))

@@ -41,7 +41,9 @@ def pack_bits_transposed(codes_t: torch.Tensor, bits: int) -> torch.Tensor:
         if shift + bits > WORD_BITS:
             words[word + 1] |= shifted >> WORD_BITS
     words = words[:bits].permute(2, 1, 0).reshape(rows, n_chunks * bits)[:, : layout.words_for(count, bits)]
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    # contiguous: with one chunk (<= 32 codes per row) the reshape above is a transposed view, and the CPU
+    # op would copy such a stream on every call.
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -69,6 +69,7 @@ def run_row(name: str, quick: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=load_dtype).eval()
     nsamples, seqlen, eval_len, eval_windows = (16, 256, 512, 4) if quick else (128, 512, 2048, 16)
     row: dict = {"row": name}
+    dense_head = None  # the original output weight, when the row quantizes it
     if spec is not None:
         spec = dict(spec)
         method = spec.pop("method")
@@ -95,7 +96,7 @@ def run_row(name: str, quick: bool) -> dict:
         dequantize_model(model, torch.float32)  # bit-identical weights, dense matmuls for speed
         model.float()
     row["perplexity"] = perplexity(model, split.evaluation, eval_len, eval_windows, progress=False)
-    if spec is not None and dense_head is not None:
+    if dense_head is not None:
         # The same quantized blocks with the original head put back: the head's own share of the loss.
         model.get_output_embeddings().weight.data.copy_(dense_head)
         row["perplexity_dense_head"] = perplexity(model, split.evaluation, eval_len, eval_windows, progress=False)

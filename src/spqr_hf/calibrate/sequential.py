@@ -355,14 +355,23 @@ def _quantize_output_layer(model: nn.Module, hessian: torch.Tensor, params: SpQR
     home = head.weight.device
     weight = weight_matrix(head).to(device)
     [result], seconds = _quantize_group([weight], hessian, params, layer_quantizer)
-    recon = result.reconstruction if result.reconstruction is not None else dequantize(result.packed)
-    report.layers.append(_layer_report(name, weight, recon, hessian, result, seconds))
+    report.layers.append(_layer_report(name, weight, _reconstruction(result), hessian, result, seconds))
     quantized_layers[name] = result.packed.nnz
-    bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
-    module = SpQRLinear.from_packed(result.packed, bias).to(home)
-    module.source_type = type(head).__name__
-    _set_module(model, name, module)
+    _set_module(model, name, _packed_module(head, result).to(home))
     untie_output_layer(model, name)
+
+
+def _reconstruction(result: SpQRResult) -> torch.Tensor:
+    """The dequantized weight: the engine's own when it kept it, else decoded from the packed layer."""
+    return result.reconstruction if result.reconstruction is not None else dequantize(result.packed)
+
+
+def _packed_module(layer: nn.Module, result: SpQRResult) -> SpQRLinear:
+    """The ``SpQRLinear`` that replaces ``layer``: its packed weight, its bias, its source type."""
+    bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
+    module = SpQRLinear.from_packed(result.packed, bias)
+    module.source_type = type(layer).__name__
+    return module
 
 
 def _default_batch_size(seqlen: int, nsamples: int) -> int:
@@ -443,9 +452,7 @@ def quantize_model(
                     weights = [weight_matrix(linears[name]) for name in group]
                     group_results, seconds = _quantize_group(weights, hessian, params, layer_quantizer)
                     for name, weight, result in zip(group, weights, group_results, strict=True):
-                        recon = result.reconstruction
-                        if recon is None:
-                            recon = dequantize(result.packed)
+                        recon = _reconstruction(result)
                         set_weight_matrix(work_linears[name], recon)
                         results[name] = result
                         cache.final.add(name)
@@ -460,11 +467,7 @@ def quantize_model(
             hidden[i] = first_tensor(_run_block(work, state, call, index, device)).to(activation_device)
         cache.close()
         for name, result in results.items():
-            layer = linears[name]
-            bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
-            module = SpQRLinear.from_packed(result.packed, bias)
-            module.source_type = type(layer).__name__
-            _set_module(block, name, module)
+            _set_module(block, name, _packed_module(linears[name], result))
         del work, work_linears
         block.to(home)
     if not report.layers:

@@ -40,6 +40,7 @@ struct LayerView {
   int bits, scale_bits, zero_bits;
   int64_t groupsize, qq_groupsize, n_groups, n_chunks;
   const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
+  const uint8_t* planes;  // the codes in the plane layout (spqr_hf/planes.h) instead of qweight, or nullptr
   int x_bits;  // significand bits of the activations' dtype (8 bfloat16, 11 float16, 24 float32): how
                // finely a kernel that quantises them (int8_matvec.inc) must represent them
 };
@@ -96,6 +97,21 @@ inline int64_t gemm_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   return 16 + (kTileRows * 32 * k_tiles + passes * k_tiles * 512) / 2;  // bfloat16 tile rows and bank
 }
 
+// y[v, i] (fp32, row stride y_stride) for rows [row_begin, row_end) (multiples of kPlaneRows, or m) and
+// 1 <= n_vectors <= kPlaneMaxVectors bfloat16-valued vectors xp (float32, as for MatvecFn) from the codes
+// in layer.planes. Scratch: planes_scratch_floats(layer, n_vectors).
+enum PlanesStatus : int { kPlanesOk = 0, kPlanesBadOutlier = 1, kPlanesUnrepresentable = 2 };
+using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
+                               int64_t row_begin, int64_t row_end, float* scratch);
+constexpr int64_t kPlaneMaxVectors = 16;
+
+inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
+  // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 4 chunks
+  // of both streams; 64 statistic lanes; a block of raw second-level pairs; alignment.
+  const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
+  return n_vectors * (32 * G + 2 * G) + 16 * G8 + 64 + 2 * kInt16MetaChunks * G8 + 16;
+}
+
 struct KernelTable {
   const char* name;
   MatvecFn matvec;
@@ -103,6 +119,7 @@ struct KernelTable {
   DequantBf16Fn dequant_bf16;
   GemmFn gemm;  // small bfloat16 batches on a matrix unit, or nullptr
   MatvecBatchFn matvec_max_batch;  // the largest batch the matvec takes for a layer; nullptr: kMatvecMaxBatch
+  PlanesMatvecFn planes_matvec;  // bfloat16 matvec on the plane layout, or nullptr (ops.cpp converts it back)
 };
 
 extern const KernelTable kScalarKernels;

@@ -13,6 +13,7 @@ namespace cpu {
 namespace isa_avx2 {
 
 #include "spqr_hf/layout.h"
+#include "spqr_hf/planes.h"
 
 struct V {
   __m256 lo, hi;  // lanes 0-7, 8-15
@@ -76,6 +77,7 @@ inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernel_body.inc"
 #include "int16_matvec.inc"
+#include "lut_matvec.inc"
 
 // Up to kInt16MaxVectors vectors over layers with groups of 16 take the integer path, everything else
 // the float loop.
@@ -99,7 +101,8 @@ int64_t matvec_max_batch(const LayerView& L) {
 }  // namespace isa_avx2
 
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
-                                  &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch};
+                                  &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch,
+                                  &isa_avx2::lut_path::matvec};
 
 }  // namespace cpu
 }  // namespace spqr_hf

@@ -25,6 +25,7 @@
 #include "cpu_features.h"
 #include "kernels.h"
 #include "spqr_hf/layout.h"
+#include "spqr_hf/planes.h"
 
 namespace spqr_hf {
 namespace cpu {
@@ -120,6 +121,45 @@ at::Tensor permute_columns(const at::Tensor& x2, const uint16_t* perm, int64_t n
   return xp;
 }
 
+// The geometry checks of the plane layout's ops (the layout needs groups of 16 and 2-4 bit codes).
+void check_plane_geometry(const char* op, int64_t n, int64_t m, int64_t bits, int64_t groupsize) {
+  TORCH_CHECK(n >= 1 && n <= kMaxInFeatures && m >= 1 && m < (int64_t(1) << 31), op, ": in_features=", n,
+              " and out_features=", m, " out of range");
+  TORCH_CHECK(plane_layout_fits(n, groupsize, static_cast<int>(bits)), op, ": the plane layout needs bits in [",
+              kPlaneMinBits, ", ", kPlaneMaxBits, "], groupsize ", kPlaneGroupCols, " and in_features a multiple of ",
+              kPlaneGroupCols, "; got bits=", bits, ", groupsize=", groupsize, ", in_features=", n);
+}
+
+// qweight's row streams as the plane layout (uint8 [plane_bytes]); blocks of rows split across threads.
+at::Tensor planes_from_rows_cpu(const at::Tensor& qweight, int64_t in_features, int64_t out_features, int64_t bits) {
+  const int64_t n = in_features, m = out_features;
+  check_plane_geometry("planes_from_rows", n, m, bits, kPlaneGroupCols);
+  check_buffer(qweight, "qweight", at::kInt, {m, words_for(n, bits)});
+  const at::Tensor qw = qweight.contiguous();
+  at::Tensor planes = at::empty({plane_bytes(m, n, static_cast<int>(bits))}, qweight.options().dtype(at::kByte));
+  const uint32_t* rows = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+  uint8_t* out = planes.data_ptr<uint8_t>();
+  at::parallel_for(0, plane_blocks(m), 1, [&](int64_t begin, int64_t end) {
+    planes_from_rows(rows, m, n, static_cast<int>(bits), out, begin, end);
+  });
+  return planes;
+}
+
+// The plane layout back as qweight's row streams (int32 [m, words_for(n, bits)]).
+at::Tensor rows_from_planes_cpu(const at::Tensor& planes, int64_t in_features, int64_t out_features, int64_t bits) {
+  const int64_t n = in_features, m = out_features;
+  check_plane_geometry("rows_from_planes", n, m, bits, kPlaneGroupCols);
+  check_buffer(planes, "qweight", at::kByte, {plane_bytes(m, n, static_cast<int>(bits))});
+  const at::Tensor pl = planes.contiguous();
+  at::Tensor qweight = at::empty({m, words_for(n, bits)}, planes.options().dtype(at::kInt));
+  const uint8_t* in = pl.data_ptr<uint8_t>();
+  uint32_t* rows = reinterpret_cast<uint32_t*>(qweight.data_ptr<int32_t>());
+  at::parallel_for(0, plane_blocks(m), 1, [&](int64_t begin, int64_t end) {
+    rows_from_planes(in, m, n, static_cast<int>(bits), rows, begin, end);
+  });
+  return qweight;
+}
+
 at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_codes,
                            const at::Tensor& zero_codes, const std::optional<at::Tensor>& scale_meta,
                            const std::optional<at::Tensor>& zero_meta, const at::Tensor& perm,
@@ -145,7 +185,14 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
               "spqr_linear: x has dtype ", x.scalar_type(), "; use float32, bfloat16 or float16 activations");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "spqr_linear: x has shape ", x.sizes(), ", expected [..., ", n, "]");
   // Packed buffers.
-  check_buffer(qweight, "qweight", at::kInt, {m, words_for(n, bits)});
+  // qweight holds the row streams (int32), or the codes in the plane layout (uint8, SpQRLinear's CPU form).
+  const bool planes = qweight.scalar_type() == at::kByte;
+  if (planes) {
+    check_plane_geometry("spqr_linear", n, m, bits, std::min(groupsize, n));
+    check_buffer(qweight, "qweight", at::kByte, {plane_bytes(m, n, static_cast<int>(bits))});
+  } else {
+    check_buffer(qweight, "qweight", at::kInt, {m, words_for(n, bits)});
+  }
   check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
   check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
   if (scale_bits != kRawStatBits) {
@@ -168,7 +215,21 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                 bias->scalar_type(), " on ", bias->device());
   }
 
-  const at::Tensor qw = qweight.contiguous(), sc = scale_codes.contiguous(), zc = zero_codes.contiguous();
+  // The plane layout has a kernel for small bfloat16 batches where the CPU's kernels have one; every
+  // other call runs on the row streams converted back (correct, but paying a conversion per call).
+  const KernelTable& kernels = kernels_or_throw();
+  const int64_t batch = x.numel() / n;
+  const auto on_rows = [&]() {
+    return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), scale_codes, zero_codes, scale_meta, zero_meta,
+                           perm, outlier_row_ptr, outlier_col, outlier_delta, bias, in_features, out_features, bits,
+                           groupsize, qq_groupsize, scale_bits, zero_bits);
+  };
+  if (planes && !(kernels.planes_matvec != nullptr && x.scalar_type() == at::kBFloat16 && batch >= 1 &&
+                  batch <= kPlaneMaxVectors))
+    return on_rows();
+
+  const at::Tensor qw = planes ? at::Tensor() : qweight.contiguous();
+  const at::Tensor pl = planes ? qweight.contiguous() : at::Tensor(), sc = scale_codes.contiguous(), zc = zero_codes.contiguous();
   const at::Tensor sm = scale_bits != kRawStatBits ? scale_meta->contiguous() : at::Tensor();
   const at::Tensor zm = zero_bits != kRawStatBits ? zero_meta->contiguous() : at::Tensor();
   const at::Tensor pm = perm.contiguous(), rp = outlier_row_ptr.contiguous();
@@ -202,8 +263,9 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   std::fill(lane_group.begin() + n, lane_group.end(), last_group);
 
   LayerView L{};
-  L.qweight = reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());
-  L.qweight_row_bytes = qw.size(1) * 4;
+  L.qweight = planes ? nullptr : reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());
+  L.qweight_row_bytes = words_for(n, bits) * 4;
+  L.planes = planes ? pl.data_ptr<uint8_t>() : nullptr;
   L.scale_codes = reinterpret_cast<const uint8_t*>(sc.data_ptr<int32_t>());
   L.scale_row_bytes = sc.size(1) * 4;
   L.zero_codes = reinterpret_cast<const uint8_t*>(zc.data_ptr<int32_t>());
@@ -226,9 +288,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.lane_group = lane_group.data();
   L.x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
 
-  const KernelTable& kernels = kernels_or_throw();
   const at::Tensor x2 = x.reshape({-1, n}).contiguous();
-  const int64_t batch = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = m;
   if (batch == 0) return at::empty(out_shape, x.options());
@@ -252,7 +312,22 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       if (!direct || bias_ptr != nullptr) finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
     });
   };
-  if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
+  if (planes) {
+    const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
+    const float* xp_ptr = xp.data_ptr<float>();
+    out = at::empty(out_shape, x.options());
+    float* y_ptr = result_scratch(batch * m);
+    std::atomic<bool> representable{true};
+    at::parallel_for(0, plane_blocks(m), 1, [&](int64_t begin, int64_t end) {
+      const int64_t row_begin = begin * kPlaneRows, row_end = std::min(end * kPlaneRows, m);
+      const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, row_begin, row_end,
+                                               thread_scratch(planes_scratch_floats(L, batch)));
+      if (status == kPlanesUnrepresentable) representable = false;
+      else if (status != kPlanesOk) ok = false;
+      else finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
+    });
+    if (!representable.load()) return on_rows();  // non-finite or tiny activations: the float loops
+  } else if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
       batch <= kGemmMaxVectors) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);
     const uint16_t* xp_ptr = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
@@ -303,7 +378,11 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spqr_hf, CPU, m) { m.impl("spqr_linear", &spqr_linear_cpu); }
+TORCH_LIBRARY_IMPL(spqr_hf, CPU, m) {
+  m.impl("spqr_linear", &spqr_linear_cpu);
+  m.impl("planes_from_rows", &planes_from_rows_cpu);
+  m.impl("rows_from_planes", &rows_from_planes_cpu);
+}
 
 }  // namespace cpu
 }  // namespace spqr_hf

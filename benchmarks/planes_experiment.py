@@ -1,0 +1,91 @@
+"""The plane-layout LUT matvec (csrc/cpu/lut_matvec.inc) beside the row-stream kernel, op called
+directly with bfloat16 batch-1 activations (the layer's codes converted by spqr_hf::planes_from_rows).
+
+Experimental: SpQRLinear does not build the plane layout yet, so models do not use it. Two tables:
+single layers with a 96 MiB cache flush before each call (kernels.py's shapes), and the 154 decode
+projections of a TinyLlama-shaped model swept in model order (projections.py's set), rounds alternated.
+
+    python benchmarks/planes_experiment.py [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from kernels import random_packed
+from projections import layer_shapes
+from spqr_hf.ops import _schema
+
+OP = torch.ops.spqr_hf.spqr_linear.default
+
+
+def with_planes(packed):
+    planes = torch.ops.spqr_hf.planes_from_rows(packed.qweight, packed.in_features, packed.out_features, packed.bits)
+    return dataclasses.replace(packed, qweight=planes)
+
+
+def single_layers(rounds: int) -> None:
+    flush = torch.empty(96 << 20, dtype=torch.uint8)
+    print(" shape (out x in)   rows ms  planes ms  rows/planes")
+    for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        packed = random_packed(m, n, seed=1)
+        args = {"rows": _schema.op_args(packed, None), "planes": _schema.op_args(with_planes(packed), None)}
+        x = torch.randn(1, n).to(torch.bfloat16)
+        times: dict[str, list[float]] = {"rows": [], "planes": []}
+        for _ in range(rounds):
+            for name, a in args.items():
+                samples = []
+                for _ in range(15):
+                    flush.add_(1)
+                    start = time.perf_counter()
+                    OP(x, *a)
+                    samples.append(time.perf_counter() - start)
+                times[name].append(statistics.median(samples) * 1e3)
+        r, p = statistics.median(times["rows"]), statistics.median(times["planes"])
+        print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x")
+
+
+def projections(rounds: int) -> None:
+    shapes = layer_shapes()
+    templates = {s: random_packed(*s, seed=k) for k, s in enumerate(dict.fromkeys(shapes))}
+    rows, planes = [], []
+    for _ in range(22):
+        for s in shapes:
+            p = templates[s]
+            p = dataclasses.replace(p, qweight=p.qweight.clone(), scale_codes=p.scale_codes.clone(),
+                                    zero_codes=p.zero_codes.clone())
+            rows.append((s[1], _schema.op_args(p, None)))
+            planes.append((s[1], _schema.op_args(with_planes(p), None)))
+    xs = {n: torch.randn(1, n).to(torch.bfloat16) for n in {s[1] for s in shapes}}
+
+    def sweep(layers) -> float:
+        start = time.perf_counter()
+        for n, a in layers:
+            OP(xs[n], *a)
+        return (time.perf_counter() - start) * 1e3
+
+    print(" round  rows ms/token  planes ms/token  rows/planes")
+    for r in range(rounds):
+        a = statistics.median(sweep(rows) for _ in range(7))
+        b = statistics.median(sweep(planes) for _ in range(7))
+        print(f"{r + 1:>6} {a:14.2f} {b:16.2f} {a / b:12.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads}")
+    single_layers(args.rounds)
+    projections(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+// The CPU plane layout of a layer's weight codes: the same codes as layout.h's row streams, arranged
+// for table-lookup matvecs (csrc/cpu/lut_matvec.inc). Never stored in a checkpoint: SpQRLinear builds
+// it from `qweight` on the CPU and converts back whenever the row streams are needed (saving, moving,
+// other dtypes), so a module holds one copy of its codes, in one layout or the other.
+//
+// Why: a row-stream matvec converts every code to a number and multiplies it (AVX2: ~5 instructions
+// per 16 weights and row, compute-bound at half the memory bandwidth on a 2-core Zen 3). Split into
+// bit planes, the codes of 4 columns of one plane are a 4-bit index into a 16-entry table of partial
+// sums of those 4 activations, and one VPSHUFB looks up 32 rows at once. Rows are the vector lanes, so
+// per-row statistics are vectors too.
+//
+// Geometry (layers with groups of 16 columns, n a multiple of 16, codes of kPlaneMinBits..kPlaneMaxBits
+// bits): rows in blocks of kPlaneRows = 32 (the last block padded with zero codes), columns in groups
+// of 16, each group as 4 quads of 4 columns. The buffer is uint8
+//   [blocks][G][bits][2][32]
+// byte t of [b][j][p][h] holds, for row b * 32 + plane_row(t), bit p of the codes of quad 2h (low
+// nibble) and quad 2h + 1 (high nibble) of group j: bit i of a nibble is column 16 j + 4 quad + i.
+// The slot -> row order is what the AVX2 kernel's unpacking produces (32-bit lane l of its v-th result
+// vector is row 8 v + l), so its per-row statistics load as they are stored.
+#pragma once
+
+#include <cstdint>
+
+#include "spqr_hf/layout.h"
+
+namespace spqr_hf {
+
+constexpr int64_t kPlaneRows = 32;
+constexpr int64_t kPlaneGroupCols = 16;
+constexpr int kPlaneMinBits = 2;
+constexpr int kPlaneMaxBits = 4;
+
+// Row (within its block) whose bits byte slot t (0..31) holds.
+SPQR_HD int plane_row(int t) { return 8 * ((t % 16) / 4) + 4 * (t / 16) + t % 4; }
+
+// Whether a layer's codes can take the plane layout.
+SPQR_HD bool plane_layout_fits(int64_t n, int64_t groupsize, int bits) {
+  return bits >= kPlaneMinBits && bits <= kPlaneMaxBits && n % kPlaneGroupCols == 0 &&
+         groupsize == kPlaneGroupCols;
+}
+
+SPQR_HD int64_t plane_blocks(int64_t m) { return num_groups(m, kPlaneRows); }
+
+// Bytes of the plane layout of an m x n layer.
+SPQR_HD int64_t plane_bytes(int64_t m, int64_t n, int bits) {
+  return plane_blocks(m) * (n / kPlaneGroupCols) * bits * 2 * kPlaneRows;
+}
+
+// The 16 codes of group j of one row stream (a row of `row_words` words), as a 64-bit word with
+// code i at bits [bits * i, bits * (i + 1)). Groups of 16 codes start on a byte (2 * bits bytes each).
+inline uint64_t plane_group_codes(const uint32_t* row, int64_t row_words, int64_t j, int bits) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(row);
+  const int64_t first = j * 2 * bits, end = row_words * 4;
+  uint64_t w = 0;
+  for (int64_t k = 0; k < 2 * bits && first + k < end; ++k) w |= static_cast<uint64_t>(bytes[first + k]) << (8 * k);
+  return w;
+}
+
+// qweight ([m, words_for(n, bits)] int32 row streams) -> planes (plane_bytes(m, n, bits), every byte
+// written). Rows [block_begin * 32, block_end * 32) only, so callers can split the work.
+inline void planes_from_rows(const uint32_t* qweight, int64_t m, int64_t n, int bits, uint8_t* planes,
+                             int64_t block_begin, int64_t block_end) {
+  const int64_t G = n / kPlaneGroupCols, row_words = words_for(n, bits), block_bytes = G * bits * 2 * kPlaneRows;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    uint8_t* out = planes + b * block_bytes;
+    for (int t = 0; t < kPlaneRows; ++t) {
+      const int64_t row = b * kPlaneRows + plane_row(t);
+      for (int64_t j = 0; j < G; ++j) {
+        const uint64_t w = row < m ? plane_group_codes(qweight + row * row_words, row_words, j, bits) : 0;
+        for (int p = 0; p < bits; ++p) {
+          unsigned nibbles = 0;  // bit 4 k + i: bit p of code 4 k + i
+          for (int c = 0; c < 16; ++c) nibbles |= static_cast<unsigned>((w >> (bits * c + p)) & 1u) << c;
+          uint8_t* at = out + (j * bits + p) * 2 * kPlaneRows + t;
+          at[0] = static_cast<uint8_t>(nibbles & 0xFF);
+          at[kPlaneRows] = static_cast<uint8_t>(nibbles >> 8);
+        }
+      }
+    }
+  }
+}
+
+// The inverse: planes -> qweight rows [block_begin * 32, min(block_end * 32, m)), every word of those
+// rows written (the padding bits of a row's last word zero, as the packer leaves them).
+inline void rows_from_planes(const uint8_t* planes, int64_t m, int64_t n, int bits, uint32_t* qweight,
+                             int64_t block_begin, int64_t block_end) {
+  const int64_t G = n / kPlaneGroupCols, row_words = words_for(n, bits), block_bytes = G * bits * 2 * kPlaneRows;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const uint8_t* in = planes + b * block_bytes;
+    for (int t = 0; t < kPlaneRows; ++t) {
+      const int64_t row = b * kPlaneRows + plane_row(t);
+      if (row >= m) continue;
+      uint8_t* bytes = reinterpret_cast<uint8_t*>(qweight + row * row_words);
+      for (int64_t k = G * 2 * bits; k < row_words * 4; ++k) bytes[k] = 0;
+      for (int64_t j = 0; j < G; ++j) {
+        uint64_t w = 0;
+        for (int p = 0; p < bits; ++p) {
+          const uint8_t* at = in + (j * bits + p) * 2 * kPlaneRows + t;
+          const unsigned nibbles = at[0] | static_cast<unsigned>(at[kPlaneRows]) << 8;
+          for (int c = 0; c < 16; ++c) w |= static_cast<uint64_t>((nibbles >> c) & 1u) << (bits * c + p);
+        }
+        for (int k = 0; k < 2 * bits; ++k) bytes[j * 2 * bits + k] = static_cast<uint8_t>(w >> (8 * k));
+      }
+    }
+  }
+}
+
+}  // namespace spqr_hf

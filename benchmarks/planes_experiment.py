@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -31,23 +32,28 @@ def with_planes(packed):
 
 def single_layers(rounds: int) -> None:
     flush = torch.empty(96 << 20, dtype=torch.uint8)
-    print(" shape (out x in)   rows ms  planes ms  rows/planes")
+    print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
         args = {"rows": _schema.op_args(packed, None), "planes": _schema.op_args(with_planes(packed), None)}
         x = torch.randn(1, n).to(torch.bfloat16)
-        times: dict[str, list[float]] = {"rows": [], "planes": []}
+        linear = torch.nn.functional.linear
+        dtypes = (torch.float16, torch.bfloat16)
+        dense = {dt: (torch.randn(1, n).to(dt), (torch.randn(m, n) * 0.02).to(dt)) for dt in dtypes}
+        calls = {"rows": partial(OP, x, *args["rows"]), "planes": partial(OP, x, *args["planes"]),
+                 "fp16": partial(linear, *dense[torch.float16]), "bf16": partial(linear, *dense[torch.bfloat16])}
+        times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
-            for name, a in args.items():
+            for name, call in calls.items():
                 samples = []
                 for _ in range(15):
                     flush.add_(1)
                     start = time.perf_counter()
-                    OP(x, *a)
+                    call()
                     samples.append(time.perf_counter() - start)
                 times[name].append(statistics.median(samples) * 1e3)
-        r, p = statistics.median(times["rows"]), statistics.median(times["planes"])
-        print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x")
+        r, p, f, b = (statistics.median(times[k]) for k in ("rows", "planes", "fp16", "bf16"))
+        print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x {f:8.3f} {b:8.3f} {min(f, b) / p:20.2f}x")
 
 
 def projections(rounds: int) -> None:

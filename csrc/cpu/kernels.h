@@ -103,7 +103,12 @@ inline int64_t gemm_scratch_floats(const LayerView& layer, int64_t n_vectors) {
 enum PlanesStatus : int { kPlanesOk = 0, kPlanesBadOutlier = 1, kPlanesUnrepresentable = 2 };
 using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                                int64_t row_begin, int64_t row_end, float* scratch);
-constexpr int64_t kPlaneMaxVectors = 16;
+constexpr int64_t kPlaneMaxVectors = 24;  // beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3)
+
+// W_perm rows [row_begin, row_end) from layer.planes, transposed: dst[k * ld + row - row_begin] (float32,
+// outliers included), rows up to the end of the last 32-row block written. Scratch: 64 floats.
+using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                                 float* scratch);
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 4 chunks
@@ -120,6 +125,7 @@ struct KernelTable {
   GemmFn gemm;  // small bfloat16 batches on a matrix unit, or nullptr
   MatvecBatchFn matvec_max_batch;  // the largest batch the matvec takes for a layer; nullptr: kMatvecMaxBatch
   PlanesMatvecFn planes_matvec;  // bfloat16 matvec on the plane layout, or nullptr (ops.cpp converts it back)
+  PlanesDequantFn planes_dequant_t;  // its prefill dequantiser, or nullptr
 };
 
 extern const KernelTable kScalarKernels;

@@ -102,7 +102,7 @@ int64_t matvec_max_batch(const LayerView& L) {
 
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
                                   &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch,
-                                  &isa_avx2::lut_path::matvec};
+                                  &isa_avx2::lut_path::matvec, &isa_avx2::lut_path::dequant_t};
 
 }  // namespace cpu
 }  // namespace spqr_hf

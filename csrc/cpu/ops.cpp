@@ -39,6 +39,12 @@ constexpr int64_t kGemmMinBatch = 5;  // bfloat16 batches from here to kGemmMaxV
 // a 4096 x 4096 layer (benchmarks/RESULTS.md). Capped in bytes for very wide layers.
 constexpr int64_t kGemmTileRows = 1024;
 constexpr int64_t kGemmTileMaxBytes = int64_t(24) << 20;
+// Rows per tile dequantised from the plane layout, stored transposed ([n, rows]): a column's run is one
+// tile row, so tiles of 1024 rows wrote 4 KiB runs to 4096 pages (a 4096-column layer), past the TLB,
+// and were slower than the row streams' tiles. At most 256 rows and ~6 MiB (Zen 3: 4096 x 4096 and
+// 11008 x 4096 layers took 128-256, 4096 x 11008 128; benchmarks/RESULTS.md).
+constexpr int64_t kPlaneGemmTileRows = 256;
+constexpr int64_t kPlaneGemmTileBytes = int64_t(6) << 20;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -224,9 +230,10 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            perm, outlier_row_ptr, outlier_col, outlier_delta, bias, in_features, out_features, bits,
                            groupsize, qq_groupsize, scale_bits, zero_bits);
   };
-  if (planes && !(kernels.planes_matvec != nullptr && x.scalar_type() == at::kBFloat16 && batch >= 1 &&
-                  batch <= kPlaneMaxVectors))
-    return on_rows();
+  const bool plane_kernels = planes && kernels.planes_matvec != nullptr && kernels.planes_dequant_t != nullptr;
+  const bool plane_matvec = plane_kernels && x.scalar_type() == at::kBFloat16 && batch >= 1 && batch <= kPlaneMaxVectors;
+  const bool plane_gemm = plane_kernels && batch > kPlaneMaxVectors;
+  if (planes && !plane_matvec && !plane_gemm) return on_rows();
 
   const at::Tensor qw = planes ? at::Tensor() : qweight.contiguous();
   const at::Tensor pl = planes ? qweight.contiguous() : at::Tensor(), sc = scale_codes.contiguous(), zc = zero_codes.contiguous();
@@ -312,7 +319,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       if (!direct || bias_ptr != nullptr) finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
     });
   };
-  if (planes) {
+  if (plane_matvec) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     const float* xp_ptr = xp.data_ptr<float>();
     out = at::empty(out_shape, x.options());
@@ -327,6 +334,25 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       else finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
     });
     if (!representable.load()) return on_rows();  // non-finite or tiny activations: the float loops
+  } else if (plane_gemm) {
+    // As the prefill path below, with float32 tiles of W_perm dequantised from the planes transposed
+    // ([n, rows], 32-row blocks split across threads) for x_perm @ tile.
+    const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
+    const int64_t tile_rows = std::min(
+        round_up(m, kPlaneRows),
+        std::max(kPlaneRows, std::min(kPlaneGemmTileRows, kPlaneGemmTileBytes / (n_padded * 4)) / kPlaneRows * kPlaneRows));
+    y = at::empty({batch, m}, x.options().dtype(at::kFloat));
+    at::Tensor w_tile = at::empty({n_padded, tile_rows}, x.options().dtype(at::kFloat));
+    for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, m - row0);
+      at::parallel_for(0, num_groups(rows, kPlaneRows), 1, [&](int64_t begin, int64_t end) {
+        const int64_t first = row0 + begin * kPlaneRows, last = std::min(row0 + end * kPlaneRows, row0 + rows);
+        if (!kernels.planes_dequant_t(L, w_tile.data_ptr<float>() + (first - row0), tile_rows, first, last,
+                                      thread_scratch(64)))
+          ok = false;
+      });
+      y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(1, 0, rows)));
+    }
   } else if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
       batch <= kGemmMaxVectors) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "spqr_hf/layout.h"
 
@@ -79,26 +80,52 @@ inline void planes_from_rows(const uint32_t* qweight, int64_t m, int64_t n, int 
   }
 }
 
+// spread[bits - kPlaneMinBits][byte]: bit i of byte at bit bits * i (one plane's bits of 8 codes, moved
+// to where those codes' bits of that plane sit in a row stream).
+struct PlaneSpread {
+  uint32_t table[kPlaneMaxBits - kPlaneMinBits + 1][256];
+};
+
+inline const PlaneSpread& plane_spread() {
+  static const PlaneSpread spread = [] {
+    PlaneSpread s{};
+    for (int bits = kPlaneMinBits; bits <= kPlaneMaxBits; ++bits)
+      for (unsigned byte = 0; byte < 256; ++byte) {
+        uint32_t v = 0;
+        for (int i = 0; i < 8; ++i) v |= ((byte >> i) & 1u) << (bits * i);
+        s.table[bits - kPlaneMinBits][byte] = v;
+      }
+    return s;
+  }();
+  return spread;
+}
+
 // The inverse: planes -> qweight rows [block_begin * 32, min(block_end * 32, m)), every word of those
-// rows written (the padding bits of a row's last word zero, as the packer leaves them).
+// rows written (the padding bits of a row's last word zero, as the packer leaves them). A group's
+// plane bytes are contiguous, so the loop runs group by group, its 32 rows in the inner loop.
 inline void rows_from_planes(const uint8_t* planes, int64_t m, int64_t n, int bits, uint32_t* qweight,
                              int64_t block_begin, int64_t block_end) {
   const int64_t G = n / kPlaneGroupCols, row_words = words_for(n, bits), block_bytes = G * bits * 2 * kPlaneRows;
+  const uint32_t* spread = plane_spread().table[bits - kPlaneMinBits];
   for (int64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* in = planes + b * block_bytes;
+    uint8_t* rows[kPlaneRows];
     for (int t = 0; t < kPlaneRows; ++t) {
       const int64_t row = b * kPlaneRows + plane_row(t);
-      if (row >= m) continue;
-      uint8_t* bytes = reinterpret_cast<uint8_t*>(qweight + row * row_words);
-      for (int64_t k = G * 2 * bits; k < row_words * 4; ++k) bytes[k] = 0;
-      for (int64_t j = 0; j < G; ++j) {
+      rows[t] = row < m ? reinterpret_cast<uint8_t*>(qweight + row * row_words) : nullptr;
+      if (rows[t] != nullptr)
+        for (int64_t k = G * 2 * bits; k < row_words * 4; ++k) rows[t][k] = 0;
+    }
+    for (int64_t j = 0; j < G; ++j) {
+      const uint8_t* group = in + j * bits * 2 * kPlaneRows;
+      for (int t = 0; t < kPlaneRows; ++t) {
+        if (rows[t] == nullptr) continue;
         uint64_t w = 0;
         for (int p = 0; p < bits; ++p) {
-          const uint8_t* at = in + (j * bits + p) * 2 * kPlaneRows + t;
-          const unsigned nibbles = at[0] | static_cast<unsigned>(at[kPlaneRows]) << 8;
-          for (int c = 0; c < 16; ++c) w |= static_cast<uint64_t>((nibbles >> c) & 1u) << (bits * c + p);
+          const uint8_t* at = group + p * 2 * kPlaneRows + t;
+          w |= static_cast<uint64_t>(spread[at[0]] | static_cast<uint64_t>(spread[at[kPlaneRows]]) << (8 * bits)) << p;
         }
-        for (int k = 0; k < 2 * bits; ++k) bytes[j * 2 * bits + k] = static_cast<uint8_t>(w >> (8 * k));
+        memcpy(rows[t] + j * 2 * bits, &w, static_cast<size_t>(2 * bits));  // little-endian, as the streams
       }
     }
   }

@@ -5,6 +5,8 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "kernels.h"
+#include "spqr_hf/planes.h"
 
 namespace {
 
@@ -26,9 +28,25 @@ PyObject* supported_isas(PyObject*, PyObject*) {
   return list;
 }
 
+PyObject* plane_kernels(PyObject*, PyObject*) {
+  std::string error;
+  const spqr_hf::cpu::KernelTable* table = spqr_hf::cpu::select_kernels(&error);
+  return PyBool_FromLong(table != nullptr && table->planes_matvec != nullptr && table->planes_dequant_t != nullptr);
+}
+
+PyObject* plane_layout_fits(PyObject*, PyObject* args) {
+  long long n, groupsize, bits;
+  if (!PyArg_ParseTuple(args, "LLL", &n, &groupsize, &bits)) return nullptr;
+  return PyBool_FromLong(bits >= 0 && bits < 64 && spqr_hf::plane_layout_fits(n, groupsize, static_cast<int>(bits)));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use now (honours SPQR_HF_CPU_ISA)."},
     {"supported_isas", supported_isas, METH_NOARGS, "Instruction sets with kernels this CPU can run, best first."},
+    {"plane_kernels", plane_kernels, METH_NOARGS,
+     "Whether the CPU kernels in use have the plane-layout kernels (bfloat16 matvec, prefill)."},
+    {"plane_layout_fits", plane_layout_fits, METH_VARARGS,
+     "plane_layout_fits(in_features, groupsize, bits): whether a layer's codes can take the plane layout."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, dequantize
-from spqr_hf.ops.dispatch import spqr_linear_module
+from spqr_hf.ops import cpu_layout
+from spqr_hf.ops.dispatch import force_reference, spqr_linear_module
 
 # PackedSpQR's integer fields, in its (and the operator's) order.
 _INT_FIELDS = ("in_features", "out_features", "bits", "groupsize", "qq_groupsize", "scale_bits", "zero_bits")
@@ -19,6 +20,11 @@ class SpQRLinear(nn.Module):
     Every packed tensor is a registered buffer (so ``state_dict``/safetensors carry it); the
     integer geometry (sizes, bits, group sizes) comes from the constructor, i.e. from the
     quantization config when a checkpoint is reloaded. ``nnz`` sizes the outlier buffers.
+
+    On a CPU with the plane-layout kernels (:mod:`spqr_hf.ops.cpu_layout`), the first bfloat16 call
+    rearranges the ``qweight`` buffer into that layout (faster decoding, same bytes); ``state_dict``,
+    ``load_state_dict``, ``.to()`` and calls in other dtypes see or restore the row streams, so
+    checkpoints and every other path only ever meet the format of :mod:`spqr_hf.format.layout`.
     """
 
     def __init__(
@@ -51,6 +57,8 @@ class SpQRLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
         self.register_buffer("bias", bias_tensor)
+        self._planes = False  # whether the qweight buffer holds the CPU plane layout
+        self._layout_chosen = False  # whether a bfloat16 call has chosen the layout (forward reads one flag)
 
     @classmethod
     def from_packed(cls, packed: PackedSpQR, bias: torch.Tensor | None = None) -> SpQRLinear:
@@ -71,7 +79,9 @@ class SpQRLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """Keep the packed buffers' dtypes through ``model.to(dtype)`` / ``.half()``: only the
-        device may change for them (their dtypes are part of the format); the bias follows."""
+        device may change for them (their dtypes are part of the format); the bias follows. The
+        row streams are restored first: the plane layout is a CPU form, rebuilt on the next call."""
+        self._use_rows()
         packed = {name: getattr(self, name) for name in self.packed.tensors()}
         super()._apply(fn, recurse)
         for name, before in packed.items():
@@ -80,17 +90,55 @@ class SpQRLinear(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
+    def _rows_qweight(self) -> torch.Tensor:
+        """``qweight`` as row streams, converted (a new tensor) while the buffer holds the plane layout."""
+        qweight = self._buffers["qweight"]
+        if self._planes:
+            return cpu_layout.to_rows(qweight, self.in_features, self.out_features, self.bits)
+        return qweight
+
+    def _use_rows(self) -> None:
+        """Put the row streams back into the ``qweight`` buffer (a no-op unless it holds planes)."""
+        if self._planes:
+            with torch.no_grad():
+                self._buffers["qweight"] = self._rows_qweight()
+            self._planes = False
+        self._layout_chosen = False
+
+    def _choose_layout(self, x: torch.Tensor) -> None:
+        """On the first bfloat16 call: the plane layout, where this CPU's kernels and the layer take it."""
+        self._layout_chosen = True
+        if (x.device.type == "cpu" and self._buffers["qweight"].device.type == "cpu" and not force_reference()
+                and not torch.compiler.is_compiling() and cpu_layout.kernels_available()
+                and cpu_layout.layer_fits(self.in_features, self.groupsize, self.bits)):
+            with torch.no_grad():
+                self._buffers["qweight"] = cpu_layout.to_planes(
+                    self._buffers["qweight"], self.in_features, self.out_features, self.bits)
+            self._planes = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Checkpoints get the row streams whatever the layout in memory."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._planes:
+            destination[prefix + "qweight"] = self._rows_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Loads into the row streams (the layout the checkpoint has)."""
+        self._use_rows()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def packed(self) -> PackedSpQR:
-        """The packed tensors as a :class:`PackedSpQR` view (no copy).
+        """The packed tensors as a :class:`PackedSpQR` view (no copy, but for ``qweight`` while it
+        holds the plane layout: then its row streams are converted).
 
-        Built on every forward, so it reads ``_buffers`` directly: ten ``nn.Module.__getattr__``
-        lookups cost more than a small layer's whole native matvec.
+        Built on every forward of the reference path, so it reads ``_buffers`` directly: ten
+        ``nn.Module.__getattr__`` lookups cost more than a small layer's whole native matvec.
         """
         buffers = self._buffers
         return PackedSpQR(
             *self.geometry,
-            qweight=buffers["qweight"], scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
+            qweight=self._rows_qweight(), scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
             scale_meta=buffers["scale_meta"], zero_meta=buffers["zero_meta"], perm=buffers["perm"],
             outlier_row_ptr=buffers["outlier_row_ptr"], outlier_col=buffers["outlier_col"],
             outlier_delta=buffers["outlier_delta"],
@@ -116,6 +164,11 @@ class SpQRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SpQRLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        if x.dtype is torch.bfloat16:
+            if not self._layout_chosen:
+                self._choose_layout(x)
+        elif self._planes:  # the plane kernels take bfloat16 only: back to the row streams' kernels
+            self._use_rows()
         return spqr_linear_module(x, self)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,226 @@
+"""The CPU plane layout of the codes (csrc/include/spqr_hf/planes.h) and its kernels.
+
+Oracle and tolerances as in test_cpu_kernels.py (float64 on the dequantised weight; bfloat16:
+2**-8 * (|ref| + 2 * mag) + 1e-5 * mag). The plane matvec represents bfloat16 activations per
+16-column group in 12-bit levels (2^-12 of the group's largest |x|), inside that bound for the inputs
+drawn here; a wrong plane bit, statistic or row order shifts outputs by O(mag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_cpu_kernels import ALL_ISAS, assert_close_to_reference, random_packed, run_op
+
+from spqr_hf.format.pack import PackedSpQR
+from spqr_hf.nn.linear import SpQRLinear
+from spqr_hf.ops import _extension, cpu_layout
+
+pytestmark = pytest.mark.skipif(
+    not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"
+)
+
+PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
+
+
+def _planes_of(packed: PackedSpQR) -> PackedSpQR:
+    planes = cpu_layout.to_planes(packed.qweight, packed.in_features, packed.out_features, packed.bits)
+    return dataclasses.replace(packed, qweight=planes)
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request, monkeypatch) -> str:
+    if request.param not in _extension.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv("SPQR_HF_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_conversions_round_trip_bit_exact(bits):
+    gen = torch.Generator().manual_seed(40 + bits)
+    for m, n in [(1, 16), (31, 48), (32, 16), (33, 160), (100, 1024), (64, 272)]:
+        packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(16, m), stat_bits=3,
+                               outlier_fraction=0.0)
+        planes = cpu_layout.to_planes(packed.qweight, n, m, bits)
+        assert planes.dtype == torch.uint8 and planes.numel() == (m + 31) // 32 * (n // 16) * bits * 64
+        assert torch.equal(cpu_layout.to_rows(planes, n, m, bits), packed.qweight)
+
+
+def test_layout_holds_each_code_bit_where_the_header_says():
+    """One code of value 2^p at (row 20, column 21): bit p of slot 24 (row 20), high nibble (quad 5 is
+    the second quad of its pair), bit 1 (column 21 = 4 * 5 + 1), group 1, plane p."""
+    from spqr_hf.format.pack import pack_bits
+
+    for p in range(3):
+        codes = torch.zeros(32, 32, dtype=torch.long)
+        codes[20, 21] = 1 << p
+        planes = cpu_layout.to_planes(pack_bits(codes, 3), 32, 32, 3).view(2, 3, 2, 32)  # [G][plane][half][slot]
+        expected = torch.zeros_like(planes)
+        expected[1, p, 0, 24] = 1 << (4 + 1)
+        assert torch.equal(planes, expected)
+
+
+def test_conversions_refuse_other_geometries_and_bad_buffers():
+    gen = torch.Generator().manual_seed(45)
+    packed = random_packed(gen, 20, 48, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.0)
+    assert not cpu_layout.layer_fits(48, 16, 5) and not cpu_layout.layer_fits(40, 16, 3)
+    assert not cpu_layout.layer_fits(48, 32, 3) and cpu_layout.layer_fits(48, 16, 3)
+    with pytest.raises(RuntimeError, match="plane layout needs"):
+        cpu_layout.to_planes(packed.qweight, 48, 20, 5)
+    with pytest.raises(RuntimeError, match="qweight"):
+        cpu_layout.to_planes(packed.qweight[:-1], 48, 20, 3)
+    planes = cpu_layout.to_planes(packed.qweight, 48, 20, 3)
+    with pytest.raises(RuntimeError, match="qweight"):
+        cpu_layout.to_rows(planes[:-1], 48, 20, 3)
+    with pytest.raises(RuntimeError, match="qweight"):
+        run_op(torch.randn(1, 48), dataclasses.replace(_planes_of(packed), qweight=planes[:-1]))
+    with pytest.raises(RuntimeError, match="plane layout needs"):  # planes claimed for a 5-bit layer
+        run_op(torch.randn(1, 48), dataclasses.replace(packed, bits=5, qweight=planes))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_plane_kernels_match_float64_reference(isa, bits):
+    """Batches 1-24 take the table-lookup matvec (bfloat16), larger ones the transposed tiles and a GEMM,
+    other dtypes (and CPUs without the plane kernels) the row streams converted back: heights that end
+    mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16 (the
+    generic statistics decoder), raw and 2-8 bit statistics, rows with 0 to many outliers, bias."""
+    gen = torch.Generator().manual_seed(50 + bits)
+    cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),
+             (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48)]
+    for m, n, stat_bits, qq_groupsize in cases:
+        packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
+                               stat_bits=stat_bits, outlier_fraction=0.03)
+        planes = _planes_of(packed)
+        bias = torch.randn(m, generator=gen)
+        for batch in (1, 2, 5, PLANE_MAX_VECTORS, PLANE_MAX_VECTORS + 1, 40):
+            x = torch.randn(batch, n, generator=gen).to(torch.bfloat16)
+            assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(3, n, generator=gen).to(dtype)
+            assert_close_to_reference(run_op(x, planes, None), x, packed, None)
+
+
+def test_plane_matvec_activation_range_and_non_finite():
+    """A group with one large value, a group of zeros, a group too small for its reciprocal (the call
+    then runs on the row streams, whose float loop keeps it), and NaN / inf staying non-finite."""
+    gen = torch.Generator().manual_seed(60)
+    packed = random_packed(gen, 48, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
+    planes = _planes_of(packed)
+    perm = packed.perm.long() & 0xFFFF
+    x = torch.randn(2, 256, generator=gen)
+    x[0, perm[0::16]] *= 100.0
+    x[:, perm[32:48]] = 0.0
+    xb = x.to(torch.bfloat16)
+    assert_close_to_reference(run_op(xb, planes), xb, packed, None)
+    tiny = (torch.randn(1, 256, generator=gen) * 1e-33).to(torch.bfloat16)
+    assert_close_to_reference(run_op(tiny, planes), tiny, packed, None)
+    for bad in (float("nan"), float("inf")):
+        xn = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+        xn[0, 7] = bad
+        assert not torch.isfinite(run_op(xn, planes)).all()
+
+
+def test_plane_kernels_bad_outlier_column_raises():
+    gen = torch.Generator().manual_seed(61)
+    packed = random_packed(gen, 40, 64, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.2)
+    col = packed.outlier_col.clone()
+    col[len(col) // 2] = 64
+    bad = _planes_of(dataclasses.replace(packed, outlier_col=col))
+    for batch in (1, PLANE_MAX_VECTORS + 1):
+        with pytest.raises(RuntimeError, match="outlier_col"):
+            run_op(torch.randn(batch, 64).to(torch.bfloat16), bad)
+
+
+def test_plane_kernels_write_scratch_before_reading_it():
+    env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "plane_kernels_match or activation_range"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# --- SpQRLinear: the layout in memory, the row streams everywhere else ---------------------------------
+
+needs_plane_kernels = pytest.mark.skipif(
+    not cpu_layout.kernels_available(), reason="this CPU's kernels have no plane-layout kernels (AVX2 needed)"
+)
+
+
+def _module(seed: int = 70) -> tuple[SpQRLinear, PackedSpQR, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    packed = random_packed(gen, 72, 96, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.02)
+    bias = torch.randn(72, generator=gen)
+    original = packed.qweight.clone()
+    return SpQRLinear.from_packed(packed, bias), packed, original
+
+
+@needs_plane_kernels
+def test_module_takes_planes_on_bfloat16_calls_and_saves_row_streams():
+    module, packed, original = _module()
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    before = module.state_dict()
+    y = module(x)
+    assert module.qweight.dtype == torch.uint8  # the plane layout, same bytes (72 rows padded to 96)
+    assert_close_to_reference(y, x, dataclasses.replace(packed, qweight=original), module.bias)
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # checkpoints see the row streams
+    assert torch.equal(module.packed.qweight, original)
+    assert torch.equal(module.dequantize(), SpQRLinear.from_packed(dataclasses.replace(packed, qweight=original),
+                                                                     module.bias).dequantize())
+    assert torch.equal(module(x), y)  # deterministic on the planes
+
+
+@needs_plane_kernels
+def test_module_restores_row_streams_for_other_dtypes_moves_and_loads():
+    module, packed, original = _module(71)
+    xb = torch.randn(2, 96).to(torch.bfloat16)
+    yb = module(xb)
+    y32 = module(xb.float())  # float32 call: back to the row streams
+    assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, original)
+    assert_close_to_reference(y32, xb.float(), dataclasses.replace(packed, qweight=original), module.bias)
+    assert torch.equal(module(xb), yb) and module.qweight.dtype == torch.uint8  # planes again
+    module.to(torch.float32)  # .to() restores the row streams (dtypes of packed buffers kept)
+    assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, original)
+    module(xb)
+    state = {k: v.clone() for k, v in _module(72)[0].state_dict().items()}
+    module.load_state_dict(state)  # loading into a module holding planes
+    assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, state["qweight"])
+    fresh = _module(72)[0]
+    assert torch.equal(module(xb), fresh(xb))
+
+
+@needs_plane_kernels
+def test_module_keeps_row_streams_where_planes_do_not_apply(monkeypatch):
+    gen = torch.Generator().manual_seed(73)
+    for bits, n in [(5, 96), (3, 40)]:  # 5-bit codes; a width that is not a multiple of 16
+        packed = random_packed(gen, 40, n, bits=bits, groupsize=16, qq_groupsize=16, stat_bits=3,
+                               outlier_fraction=0.0)
+        module = SpQRLinear.from_packed(packed)
+        module(torch.randn(1, n).to(torch.bfloat16))
+        assert module.qweight.dtype == torch.int32
+    monkeypatch.setenv("SPQR_HF_BACKEND", "torch")
+    module = _module(74)[0]
+    module(torch.randn(1, 96).to(torch.bfloat16))
+    assert module.qweight.dtype == torch.int32
+
+
+@needs_plane_kernels
+def test_module_on_planes_survives_a_forced_isa_without_them(monkeypatch):
+    module, packed, original = _module(75)
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    y = module(x)
+    assert module.qweight.dtype == torch.uint8
+    for name in _extension.supported_isas():
+        monkeypatch.setenv("SPQR_HF_CPU_ISA", name)
+        assert_close_to_reference(module(x), x, dataclasses.replace(packed, qweight=original), module.bias)
+    monkeypatch.delenv("SPQR_HF_CPU_ISA")
+    assert torch.equal(module(x), y)

@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from test_cpu_kernels import ALL_ISAS, assert_close_to_reference, random_packed, run_op
 
 from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension, cpu_layout
+from test_cpu_kernels import ALL_ISAS, assert_close_to_reference, random_packed, run_op
 
 pytestmark = pytest.mark.skipif(
     not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"

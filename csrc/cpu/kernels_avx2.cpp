@@ -77,7 +77,7 @@ inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernel_body.inc"
 #include "int16_matvec.inc"
-#include "lut_matvec.inc"
+#include "plane_kernels.inc"
 
 // Up to kInt16MaxVectors vectors over layers with groups of 16 take the integer path, everything else
 // the float loop.
@@ -102,7 +102,7 @@ int64_t matvec_max_batch(const LayerView& L) {
 
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
                                   &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch,
-                                  &isa_avx2::lut_path::matvec, &isa_avx2::lut_path::dequant_t};
+                                  &isa_avx2::plane_path::matvec, &isa_avx2::plane_path::dequant_t};
 
 }  // namespace cpu
 }  // namespace spqr_hf

@@ -9,7 +9,10 @@
 //   * larger batches (prefill): row tiles of W_perm are dequantised into a cache-sized buffer
 //     (float32, or bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively) and
 //     multiplied by torch's GEMM.
-// Both accumulate in float32; the output has the activation dtype.
+// Both accumulate in float32; the output has the activation dtype. qweight may also hold the codes in
+// the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form for bfloat16 calls where the kernels
+// have it): bfloat16 batches up to kPlaneMaxVectors take the plane matvec, larger batches transposed
+// tiles dequantised from the planes and torch's GEMM; anything else runs on row streams converted back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // The CPU plane layout of a layer's weight codes: the same codes as layout.h's row streams, arranged
-// for table-lookup matvecs (csrc/cpu/lut_matvec.inc). Never stored in a checkpoint: SpQRLinear builds
+// for table-lookup matvecs (csrc/cpu/plane_kernels.inc). Never stored in a checkpoint: SpQRLinear builds
 // it from `qweight` on the CPU and converts back whenever the row streams are needed (saving, moving,
 // other dtypes), so a module holds one copy of its codes, in one layout or the other.
 //

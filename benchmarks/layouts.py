@@ -1,11 +1,13 @@
-"""The plane-layout LUT matvec (csrc/cpu/lut_matvec.inc) beside the row-stream kernel, op called
-directly with bfloat16 batch-1 activations (the layer's codes converted by spqr_hf::planes_from_rows).
+"""The two layouts of the same codes side by side: the row streams (the checkpoint format, and what
+float32 / float16 calls run on) and the CPU plane layout that ``SpQRLinear`` takes for bfloat16 calls
+on AVX2 CPUs (csrc/include/spqr_hf/planes.h, csrc/cpu/plane_kernels.inc), at batch 1.
 
-Experimental: SpQRLinear does not build the plane layout yet, so models do not use it. Two tables:
-single layers with a 96 MiB cache flush before each call (kernels.py's shapes), and the 154 decode
-projections of a TinyLlama-shaped model swept in model order (projections.py's set), rounds alternated.
+Two tables: single layers with a 96 MiB cache flush before each call (kernels.py's shapes, with the
+dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
+model order (projections.py's set). The operator is called directly, on copies in each layout;
+everything is alternated in rounds, since this machine's speed drifts between runs.
 
-    python benchmarks/planes_experiment.py [--rounds 3] [--threads 2]
+    python benchmarks/layouts.py [--rounds 3] [--threads 2]
 """
 
 from __future__ import annotations

@@ -111,10 +111,10 @@ using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld,
                                  float* scratch);
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 4 chunks
+  // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 2 chunks
   // of both streams; 64 statistic lanes; a block of raw second-level pairs; alignment.
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
-  return n_vectors * (32 * G + 2 * G) + 16 * G8 + 64 + 2 * kInt16MetaChunks * G8 + 16;
+  return n_vectors * (32 * G + 2 * G) + 8 * G8 + 64 + 2 * kInt16MetaChunks * G8 + 16;
 }
 
 struct KernelTable {

@@ -6,7 +6,10 @@ decoder ``nn.Linear`` (154 of them) is replaced by ``SpQRLinear.from_packed`` of
 packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and ~1% outliers
 (embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model and the paper). The
 "SpQR 3-bit + head" model also has its lm_head (32000 x 2048) packed at that setting, as
-``SpQRConfig(quantize_lm_head=True)`` gives. Each model runs in its own child process (so its RSS
+``SpQRConfig(quantize_lm_head=True)`` gives. On a CPU with the plane-layout kernels (AVX2) the SpQR
+layers decode on that layout, as ``SpQRLinear`` does by itself in bfloat16; the "SpQR 3-bit, row
+streams" model is the same model kept on the checkpoint's row streams (``SPQR_HF_CPU_LAYOUT=rows``),
+for comparison in the same run. Each model runs in its own child process (so its RSS
 is its own), one after the other; with ``--rounds N`` the models run N times in turn and the table
 shows median tokens/s and the per-round ratios (the machines are noisy: dense bfloat16 alone varied
 6.7-8.1 tokens/s within one session).
@@ -32,9 +35,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kernels import random_packed
 from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
-from spqr_hf.ops import _extension
+from spqr_hf.ops import _extension, cpu_layout
 
-SPQR, SPQR_HEAD = "SpQR 3-bit", "SpQR 3-bit + head"
+SPQR, SPQR_HEAD, SPQR_ROWS = "SpQR 3-bit", "SpQR 3-bit + head", "SpQR 3-bit, row streams"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -123,6 +126,8 @@ def release_free_memory() -> None:
 
 
 def run_one(label: str, args: argparse.Namespace) -> None:
+    if label == SPQR_ROWS:
+        os.environ["SPQR_HF_CPU_LAYOUT"] = "rows"
     torch.manual_seed(0)
     prompt = torch.randint(0, 32000, (1, args.prompt_tokens))
     model = build(label)
@@ -154,6 +159,8 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  new tokens={args.new_tokens}  "
           f"rounds={args.rounds}  (each model in its own child process, so RSS is that model's)")
     labels = ("dense float32", "dense bfloat16", SPQR, SPQR_HEAD)
+    if cpu_layout.kernels_available():
+        labels += (SPQR_ROWS,)
     runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
     for _ in range(args.rounds):
         for label in labels:
@@ -161,7 +168,7 @@ def main() -> None:
                        "--prompt-tokens", str(args.prompt_tokens), "--threads", str(torch.get_num_threads())]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[label].append(tuple(float(v) for v in output.split("RESULT ")[-1].split()))
-    print(f"{'model':>18} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
+    print(f"{'model':>23} {'tokens/s':>9} {'weights MiB':>12} {'RSS MiB':>9} {'tok/s vs bf16':>14} "
           f"{'weights vs bf16':>16}")
     bf16_tps = [r[0] for r in runs["dense bfloat16"]]
     bf16_weights = runs["dense bfloat16"][0][1]
@@ -170,9 +177,9 @@ def main() -> None:
         weights, rss = runs[label][0][1], max(r[2] for r in runs[label])
         speed = "-" if label == "dense float32" else f"{tps / statistics.median(bf16_tps):.2f}x"
         size = "-" if label == "dense float32" else f"{weights / bf16_weights:.2f}x"
-        print(f"{label:>18} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
+        print(f"{label:>23} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
     if args.rounds > 1:
-        for label in (SPQR, SPQR_HEAD):
+        for label in labels[2:]:
             ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs[label], bf16_tps, strict=True)]
             print(f"{label} / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
                   f"(median {statistics.median(ratios):.2f}x)")

@@ -207,10 +207,12 @@ def test_module_keeps_row_streams_where_planes_do_not_apply(monkeypatch):
         module = SpQRLinear.from_packed(packed)
         module(torch.randn(1, n).to(torch.bfloat16))
         assert module.qweight.dtype == torch.int32
-    monkeypatch.setenv("SPQR_HF_BACKEND", "torch")
-    module = _module(74)[0]
-    module(torch.randn(1, 96).to(torch.bfloat16))
-    assert module.qweight.dtype == torch.int32
+    for variable, value in [("SPQR_HF_CPU_LAYOUT", "rows"), ("SPQR_HF_BACKEND", "torch")]:
+        monkeypatch.setenv(variable, value)
+        module = _module(74)[0]
+        module(torch.randn(1, 96).to(torch.bfloat16))
+        assert module.qweight.dtype == torch.int32
+        monkeypatch.delenv(variable)
 
 
 @needs_plane_kernels

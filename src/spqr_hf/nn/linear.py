@@ -106,10 +106,11 @@ class SpQRLinear(nn.Module):
         self._layout_chosen = False
 
     def _choose_layout(self, x: torch.Tensor) -> None:
-        """On the first bfloat16 call: the plane layout, where this CPU's kernels and the layer take it."""
+        """On the first bfloat16 call: the plane layout, where this CPU's kernels and the layer take it
+        (and ``SPQR_HF_CPU_LAYOUT=rows`` does not keep the row streams)."""
         self._layout_chosen = True
         if (x.device.type == "cpu" and self._buffers["qweight"].device.type == "cpu" and not force_reference()
-                and not torch.compiler.is_compiling() and cpu_layout.kernels_available()
+                and not torch.compiler.is_compiling() and cpu_layout.wanted() and cpu_layout.kernels_available()
                 and cpu_layout.layer_fits(self.in_features, self.groupsize, self.bits)):
             with torch.no_grad():
                 self._buffers["qweight"] = cpu_layout.to_planes(

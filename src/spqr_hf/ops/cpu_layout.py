@@ -9,9 +9,17 @@ converts back for saving, moving and other dtypes. The bit layout lives in the n
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from spqr_hf.ops import _extension, _schema  # noqa: F401  (_schema defines the conversion operators)
+
+
+def wanted() -> bool:
+    """False when ``SPQR_HF_CPU_LAYOUT=rows`` asks layers to keep the row streams (comparisons, debugging);
+    read when a layer chooses its layout, not on every call."""
+    return os.environ.get("SPQR_HF_CPU_LAYOUT", "").lower() != "rows"
 
 
 def kernels_available() -> bool:

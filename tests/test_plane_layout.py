@@ -226,3 +226,22 @@ def test_module_on_planes_survives_a_forced_isa_without_them(monkeypatch):
         assert_close_to_reference(module(x), x, dataclasses.replace(packed, qweight=original), module.bias)
     monkeypatch.delenv("SPQR_HF_CPU_ISA")
     assert torch.equal(module(x), y)
+
+
+def test_plane_kernels_do_not_depend_on_thread_count():
+    """The plane matvec computes each 32-row block on one thread in a fixed order: bit-identical for any
+    thread count (larger batches end in torch's GEMM, whose own blocking may depend on it)."""
+    gen = torch.Generator().manual_seed(76)
+    packed = random_packed(gen, 200, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.02)
+    planes = _planes_of(packed)
+    threads = torch.get_num_threads()
+    try:
+        for batch in (1, 5, PLANE_MAX_VECTORS):
+            x = torch.randn(batch, 256, generator=gen).to(torch.bfloat16)
+            outs = []
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                outs.append(run_op(x, planes))
+            assert all(torch.equal(outs[0], out) for out in outs[1:])
+    finally:
+        torch.set_num_threads(threads)

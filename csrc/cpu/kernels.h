@@ -128,6 +128,11 @@ struct KernelTable {
   PlanesDequantFn planes_dequant_t;  // its prefill dequantiser, or nullptr
 };
 
+// Whether a table runs the plane layout itself (else ops.cpp converts it back to row streams per call).
+inline bool has_plane_kernels(const KernelTable& table) {
+  return table.planes_matvec != nullptr && table.planes_dequant_t != nullptr;
+}
+
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;

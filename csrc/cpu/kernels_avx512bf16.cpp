@@ -349,7 +349,7 @@ inline StatStream stat_stream(const LayerView& L, const uint8_t* codes, int64_t 
   alignas(64) uint8_t extract[64];
   for (int l = 0; l < 16; ++l)
     for (int i = 0; i < 4; ++i) extract[4 * l + i] = static_cast<uint8_t>((l * (bits <= 4 ? bits : 0) + 8 * i) & 63);
-  return {codes, row_bytes, meta, bits, make_ctl(bits == spqr_hf::kRawStatBits ? 8 : bits),
+  return {codes, row_bytes, meta, bits, detail::stat_ctl(bits),
           _mm512_load_si512(extract), mult, offset, tile_meta, tile_meta + kMetaBlock * L.n_groups, -1, nullptr,
           nullptr};
 }

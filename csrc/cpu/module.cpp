@@ -31,7 +31,7 @@ PyObject* supported_isas(PyObject*, PyObject*) {
 PyObject* plane_kernels(PyObject*, PyObject*) {
   std::string error;
   const spqr_hf::cpu::KernelTable* table = spqr_hf::cpu::select_kernels(&error);
-  return PyBool_FromLong(table != nullptr && table->planes_matvec != nullptr && table->planes_dequant_t != nullptr);
+  return PyBool_FromLong(table != nullptr && spqr_hf::cpu::has_plane_kernels(*table));
 }
 
 PyObject* plane_layout_fits(PyObject*, PyObject* args) {

@@ -51,6 +51,12 @@ constexpr int64_t kPlaneGemmTileBytes = int64_t(6) << 20;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Rows of W_perm per prefill tile: a multiple of `unit`, at most max_rows and (unless one unit is more)
+// max_bytes of row_bytes each, and no more than the layer has.
+int64_t tile_rows_for(int64_t m, int64_t unit, int64_t max_rows, int64_t max_bytes, int64_t row_bytes) {
+  return std::min(round_up(m, unit), std::max(unit, std::min(max_rows, max_bytes / row_bytes) / unit * unit));
+}
+
 // The calling thread's kernel scratch, kept between calls: a decode step makes ~150 small calls,
 // and allocating and clearing up to a megabyte for each showed in their time. The kernels write
 // every scratch float before reading it; SPQR_HF_POISON_SCRATCH=1 fills it with NaN on every call
@@ -233,7 +239,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            perm, outlier_row_ptr, outlier_col, outlier_delta, bias, in_features, out_features, bits,
                            groupsize, qq_groupsize, scale_bits, zero_bits);
   };
-  const bool plane_kernels = planes && kernels.planes_matvec != nullptr && kernels.planes_dequant_t != nullptr;
+  const bool plane_kernels = planes && has_plane_kernels(kernels);
   const bool plane_matvec = plane_kernels && x.scalar_type() == at::kBFloat16 && batch >= 1 && batch <= kPlaneMaxVectors;
   const bool plane_gemm = plane_kernels && batch > kPlaneMaxVectors;
   if (planes && !plane_matvec && !plane_gemm) return on_rows();
@@ -303,21 +309,21 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   out_shape.back() = m;
   if (batch == 0) return at::empty(out_shape, x.options());
 
-  const int64_t n_tiles = num_groups(m, kTileRows);
   std::atomic<bool> ok{true};
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor y;  // [batch, m] (prefill path)
   at::Tensor out;  // the result in x's dtype and shape (matvec and gemm paths)
-  // out from kernel(y, row_begin, row_end, scratch) over the row tiles, split across threads: each
-  // thread adds the bias to its rows and converts them to x's dtype. (A float32 result converted
-  // afterwards by .to() cost a tensor and a TensorIterator per call: ~2 us of a small layer's ~20.)
-  const auto over_row_tiles = [&](int64_t floats, auto&& kernel) {
+  // out from kernel(y, row_begin, row_end, scratch) over runs of `unit` rows (16-row tiles; 32-row blocks
+  // of the plane layout), split across threads: each thread adds the bias to its rows and converts them
+  // to x's dtype. (A float32 result converted afterwards by .to() cost a tensor and a TensorIterator
+  // per call: ~2 us of a small layer's ~20.)
+  const auto over_row_tiles = [&](int64_t unit, int64_t floats, auto&& kernel) {
     out = at::empty(out_shape, x.options());
     const bool direct = x.scalar_type() == at::kFloat;
     float* y_ptr = direct ? out.data_ptr<float>() : result_scratch(batch * m);
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, m);
+    at::parallel_for(0, num_groups(m, unit), 1, [&](int64_t begin, int64_t end) {
+      const int64_t row_begin = begin * unit, row_end = std::min(end * unit, m);
       if (!kernel(y_ptr, row_begin, row_end, thread_scratch(floats))) ok = false;
       if (!direct || bias_ptr != nullptr) finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
     });
@@ -325,25 +331,19 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (plane_matvec) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     const float* xp_ptr = xp.data_ptr<float>();
-    out = at::empty(out_shape, x.options());
-    float* y_ptr = result_scratch(batch * m);
     std::atomic<bool> representable{true};
-    at::parallel_for(0, plane_blocks(m), 1, [&](int64_t begin, int64_t end) {
-      const int64_t row_begin = begin * kPlaneRows, row_end = std::min(end * kPlaneRows, m);
-      const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, row_begin, row_end,
-                                               thread_scratch(planes_scratch_floats(L, batch)));
-      if (status == kPlanesUnrepresentable) representable = false;
-      else if (status != kPlanesOk) ok = false;
-      else finish_rows(y_ptr, batch, m, row_begin, row_end, bias_ptr, out);
-    });
+    over_row_tiles(kPlaneRows, planes_scratch_floats(L, batch),
+                   [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
+                     const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
+                     if (status == kPlanesUnrepresentable) representable = false;
+                     return status != kPlanesBadOutlier;
+                   });
     if (!representable.load()) return on_rows();  // non-finite or tiny activations: the float loops
   } else if (plane_gemm) {
     // As the prefill path below, with float32 tiles of W_perm dequantised from the planes transposed
     // ([n, rows], 32-row blocks split across threads) for x_perm @ tile.
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
-    const int64_t tile_rows = std::min(
-        round_up(m, kPlaneRows),
-        std::max(kPlaneRows, std::min(kPlaneGemmTileRows, kPlaneGemmTileBytes / (n_padded * 4)) / kPlaneRows * kPlaneRows));
+    const int64_t tile_rows = tile_rows_for(m, kPlaneRows, kPlaneGemmTileRows, kPlaneGemmTileBytes, n_padded * 4);
     y = at::empty({batch, m}, x.options().dtype(at::kFloat));
     at::Tensor w_tile = at::empty({n_padded, tile_rows}, x.options().dtype(at::kFloat));
     for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
@@ -360,14 +360,14 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       batch <= kGemmMaxVectors) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);
     const uint16_t* xp_ptr = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
-    over_row_tiles(scratch_floats(L, 0) + gemm_scratch_floats(L, batch),
+    over_row_tiles(kTileRows, scratch_floats(L, 0) + gemm_scratch_floats(L, batch),
                    [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
                      return kernels.gemm(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
                    });
   } else if (batch <= (kernels.matvec_max_batch != nullptr ? kernels.matvec_max_batch(L) : kMatvecMaxBatch)) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     const float* xp_ptr = xp.data_ptr<float>();
-    over_row_tiles(scratch_floats(L, batch), [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
+    over_row_tiles(kTileRows, scratch_floats(L, batch), [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
       return kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
     });
   } else {
@@ -377,9 +377,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
     // Row tiles of W_perm are dequantised by all threads together, then multiplied by one
     // multi-threaded GEMM (a GEMM nested inside the parallel region would run single-threaded).
-    const int64_t tile_rows = std::min(
-        round_up(m, kTileRows),
-        std::max(kTileRows, std::min(kGemmTileRows, kGemmTileMaxBytes / (n_padded * element)) / kTileRows * kTileRows));
+    const int64_t tile_rows = tile_rows_for(m, kTileRows, kGemmTileRows, kGemmTileMaxBytes, n_padded * element);
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
     at::Tensor w_tile = at::empty({tile_rows, n_padded}, x.options().dtype(gemm_dtype));
     for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {

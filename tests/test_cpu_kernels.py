@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from conftest import ALL_ISAS
 from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, dequantize, pack_bits
 from spqr_hf.nn.linear import SpQRLinear
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.skipif(
     not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"
 )
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
 MATVEC_MAX_BATCH = 8  # csrc/cpu/kernels.h: larger batches take the dequantise + GEMM path (with "amx",
 # bfloat16 batches of 5 to 64 take its tile-unit GEMM; with "avx2", bfloat16 batches up to 16 in groups of
 # 16 its integer matvec: the sweeps below run batches 5, 9 and 64)
@@ -92,16 +92,6 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, packed: PackedSp
     assert bool((err <= tol).all()), (
         f"max error {err.flatten()[worst]:.3g} > tolerance {tol.flatten()[worst]:.3g} (ref {ref.flatten()[worst]:.3g})"
     )
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request, monkeypatch) -> str:
-    """Force each instruction-set path this CPU supports (SPQR_HF_CPU_ISA is read on every call)."""
-    if request.param not in _extension.supported_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("SPQR_HF_CPU_ISA", request.param)
-    assert _extension.cpu_isa() == request.param
-    return request.param
 
 
 def test_auto_selects_best_supported_isa(monkeypatch):

@@ -19,7 +19,7 @@ import torch
 from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension, cpu_layout
-from test_cpu_kernels import ALL_ISAS, assert_close_to_reference, random_packed, run_op
+from test_cpu_kernels import assert_close_to_reference, random_packed, run_op
 
 pytestmark = pytest.mark.skipif(
     not _extension.native_available(), reason=f"spqr_hf._C not built: {_extension.load_error()}"
@@ -31,14 +31,6 @@ PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches de
 def _planes_of(packed: PackedSpQR) -> PackedSpQR:
     planes = cpu_layout.to_planes(packed.qweight, packed.in_features, packed.out_features, packed.bits)
     return dataclasses.replace(packed, qweight=planes)
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request, monkeypatch) -> str:
-    if request.param not in _extension.supported_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("SPQR_HF_CPU_ISA", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -20,7 +20,10 @@ TORCH_REQUIREMENT = "torch>=2.13,<2.14"
 
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_CPU_FLAGS = ["-O3", "-fno-math-errno"]  # never -march=native: wheels must run anywhere
+# Never -march=native: wheels must run anywhere. Hidden visibility: the kernels' helpers are called
+# directly (and inlined where the compiler likes) instead of through the PLT, as interposable symbols
+# of a shared library are; the module's init function stays exported (PyMODINIT_FUNC).
+_CPU_FLAGS = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {

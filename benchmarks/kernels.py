@@ -4,9 +4,12 @@ Layers are random but valid packed buffers at the issue's setting (3-bit weights
 3-bit statistics over 16 rows, ~1% outliers), generated directly with ``pack_bits``. Each cell is
 the median of repeated runs with caches flushed before each (as in a model, where the other
 layers evict a layer's weights), all measured side by side in this process. SpQR runs with
-float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting), as an
-``SpQRLinear`` does: with bfloat16 activations on a CPU with the plane-layout kernels (AVX2) its codes
-are in the plane layout (column "layout"), otherwise in the row streams.
+float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting), on the
+buffers of an ``SpQRLinear`` after its first call: with bfloat16 activations on a CPU with the
+plane-layout kernels (AVX2) its codes are then in the plane layout (column "layout"), otherwise in the
+row streams. ``SpQR ms`` is the kernel (the ``spqr_hf::spqr_linear`` operator on those buffers), as
+the dense columns time ``torch.nn.functional.linear``; the module columns time the ``SpQRLinear``
+call and an ``nn.Linear`` call in the fastest dense dtype (both add Python: ~0.1 ms cold).
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
         [--prefill-dtypes bfloat16 float32] [--float32-matmul-precision medium]
@@ -25,7 +28,7 @@ import torch
 from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, pack_bits
 from spqr_hf.nn.linear import SpQRLinear
-from spqr_hf.ops import _extension
+from spqr_hf.ops import _extension, _schema
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
 
@@ -137,7 +140,8 @@ def main() -> None:
           f"cache flush={flush_buffer().numel() * 4 / 2**20:.0f} MiB  "
           f"float32 matmul precision={torch.get_float32_matmul_precision()}")
     header = (f"{'shape (out x in)':>17} {'batch':>5} {'act':>8} {'SpQR ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} "
-              f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6} {'layout':>6}")
+              f"{'fp16 ms':>8} {'fastest/SpQR':>12} {'bf16/SpQR':>9} {'floor ms':>8} {'bits/w':>6} {'layout':>6} "
+              f"{'SpQRLinear ms':>13} {'nn.Linear ms':>12} {'modules':>7}")
     print(header)
     for m, n in SHAPES:
         packed = random_packed(m, n)
@@ -152,6 +156,12 @@ def main() -> None:
                 w, x = dense.to(dtype), torch.randn(batch, n).to(dtype)
                 dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
             fastest = min(dense_ms.values())
+            fastest_dtype = min(dense_ms, key=dense_ms.get)
+            dense_module = torch.nn.Linear(n, m, bias=False, dtype=fastest_dtype)
+            with torch.no_grad():
+                dense_module.weight.copy_(dense)
+                x_dense = torch.randn(batch, n).to(fastest_dtype)
+                dense_module_ms = median_ms(lambda x=x_dense, f=dense_module: f(x), repeats)
             # Decode-sized batches with both activation dtypes a model would use; prefill in bfloat16.
             prefill = tuple(getattr(torch, name) for name in args.prefill_dtypes)
             for act in (torch.float32, torch.bfloat16) if batch <= 16 else prefill:
@@ -159,11 +169,14 @@ def main() -> None:
                 layer = SpQRLinear.from_packed(packed)  # shares packed's tensors (a layout change replaces its own)
                 with torch.no_grad():
                     layer(x)  # the first call chooses the layout
-                    spqr_ms = median_ms(lambda x=x, layer=layer: layer(x), repeats)
+                    op_args = _schema.buffer_args(layer._buffers, layer.geometry)
+                    spqr_ms = median_ms(lambda x=x, a=op_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)
+                    module_ms = median_ms(lambda x=x, layer=layer: layer(x), repeats)
                 codes = "planes" if layer.qweight.dtype == torch.uint8 else "rows"
                 print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>8} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
                       f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
-                      f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {bits_per_weight:6.2f} {codes:>6}")
+                      f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {bits_per_weight:6.2f} {codes:>6} "
+                      f"{module_ms:13.3f} {dense_module_ms:12.3f} {dense_module_ms / module_ms:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from spqr_hf.core import SpQRParams, spqr_quantize
 from spqr_hf.format import layout
 from spqr_hf.format.pack import dequantize, pack_bits, unpack_bits
 from spqr_hf.nn import SpQRLinear
-from spqr_hf.ops import _schema, dispatch
+from spqr_hf.ops import _extension, _schema, dispatch
 
 from synthetic import correlated_inputs, heavy_tailed_weight, hessian_of, random_packed
 
@@ -164,6 +164,9 @@ def test_forward_honours_the_torch_backend_switch(gen, monkeypatch):
     monkeypatch.delenv("SPQR_HF_BACKEND")
     module(x)
     assert len(calls) == 1
+    native = _extension.load()
+    if native is not None:  # read by C getenv there (os.environ's Python mapping is slow on a cold cache)
+        assert dispatch._getenv is native.getenv
 
 
 def test_forward_rejects_wrong_width(gen):

@@ -2,6 +2,7 @@
 // kernel of spqr_hf::spqr_linear); it also reports which instruction set the kernels use.
 #include <Python.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "cpu_features.h"
@@ -40,6 +41,17 @@ PyObject* plane_layout_fits(PyObject*, PyObject* args) {
   return PyBool_FromLong(bits >= 0 && bits < 64 && spqr_hf::plane_layout_fits(n, groupsize, static_cast<int>(bits)));
 }
 
+// os.environ[name] read with C getenv (CPython's os.environ writes go through putenv / unsetenv, so it
+// sees them): the pure-Python mapping took ~40 us on a cold cache, and SpQRLinear reads
+// SPQR_HF_BACKEND on every call. The GIL is held, so no setenv runs meanwhile.
+PyObject* getenv_(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  const char* value = std::getenv(name);
+  if (value == nullptr) Py_RETURN_NONE;
+  return PyUnicode_DecodeFSDefault(value);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use now (honours SPQR_HF_CPU_ISA)."},
     {"supported_isas", supported_isas, METH_NOARGS, "Instruction sets with kernels this CPU can run, best first."},
@@ -47,6 +59,7 @@ PyMethodDef methods[] = {
      "Whether the CPU kernels in use have the plane-layout kernels (bfloat16 matvec, prefill)."},
     {"plane_layout_fits", plane_layout_fits, METH_VARARGS,
      "plane_layout_fits(in_features, groupsize, bits): whether a layer's codes can take the plane layout."},
+    {"getenv", getenv_, METH_VARARGS, "getenv(name): the environment variable's value, or None (C getenv)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -8,8 +8,10 @@ float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefil
 buffers of an ``SpQRLinear`` after its first call: with bfloat16 activations on a CPU with the
 plane-layout kernels (AVX2) its codes are then in the plane layout (column "layout"), otherwise in the
 row streams. ``SpQR ms`` is the kernel (the ``spqr_hf::spqr_linear`` operator on those buffers), as
-the dense columns time ``torch.nn.functional.linear``; the module columns time the ``SpQRLinear``
-call and an ``nn.Linear`` call in the fastest dense dtype (both add Python: ~0.1 ms cold).
+the dense columns time ``torch.nn.functional.linear``; at batch <= 16 the module columns time the
+``SpQRLinear`` call and an ``nn.Linear`` call in the activation dtype (what swapping one for the other
+in a model changes; both add Python, ~0.1 ms cold). The calls of one row take turns (one each per
+round, caches flushed before each), so a slow phase of a noisy machine weighs on all of them alike.
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
         [--prefill-dtypes bfloat16 float32] [--float32-matmul-precision medium]
@@ -100,15 +102,23 @@ def median_ms(fn, repeats: int, cold: bool = True) -> float:
     so a layer whose weights happen to fit in L3 (a 4096x4096 float16 matrix is 32 MiB) must not
     be timed warm.
     """
-    fn()
-    times = []
-    for _ in range(repeats):
-        if cold:
-            flush_buffer().add_(1.0)
-        start = time.perf_counter()
+    return interleaved_median_ms({None: fn}, repeats, cold)[None]
+
+
+def interleaved_median_ms(fns: dict, repeats: int, cold: bool = True) -> dict:
+    """``median_ms`` of several functions whose calls take turns (one call each per round), so that
+    a slow phase of a noisy machine weighs on all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            if cold:
+                flush_buffer().add_(1.0)
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
 def copy_bandwidth_gbs(repeats: int) -> float:
@@ -151,33 +161,37 @@ def main() -> None:
         floor_ms = packed_bytes / (bandwidth / 2 * 1e9) * 1e3  # reading the packed bytes once
         for batch in args.batches:
             repeats = args.repeats if batch <= 16 else max(5, args.repeats // 2)
-            dense_ms = {}
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                w, x = dense.to(dtype), torch.randn(batch, n).to(dtype)
-                dense_ms[dtype] = median_ms(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeats)
-            fastest = min(dense_ms.values())
-            fastest_dtype = min(dense_ms, key=dense_ms.get)
-            dense_module = torch.nn.Linear(n, m, bias=False, dtype=fastest_dtype)
-            with torch.no_grad():
-                dense_module.weight.copy_(dense)
-                x_dense = torch.randn(batch, n).to(fastest_dtype)
-                dense_module_ms = median_ms(lambda x=x_dense, f=dense_module: f(x), repeats)
             # Decode-sized batches with both activation dtypes a model would use; prefill in bfloat16.
             prefill = tuple(getattr(torch, name) for name in args.prefill_dtypes)
-            for act in (torch.float32, torch.bfloat16) if batch <= 16 else prefill:
-                x = torch.randn(batch, n).to(act)
-                layer = SpQRLinear.from_packed(packed)  # shares packed's tensors (a layout change replaces its own)
-                with torch.no_grad():
+            acts = (torch.float32, torch.bfloat16) if batch <= 16 else prefill
+            calls, layouts = {}, {}
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                w, x = dense.to(dtype), torch.randn(batch, n).to(dtype)
+                calls[dtype] = lambda w=w, x=x: torch.nn.functional.linear(x, w)
+            with torch.no_grad():
+                for act in acts:
+                    x = torch.randn(batch, n).to(act)
+                    layer = SpQRLinear.from_packed(packed)  # shares packed's tensors (a layout change replaces its own)
                     layer(x)  # the first call chooses the layout
+                    layouts[act] = "planes" if layer.qweight.dtype == torch.uint8 else "rows"
                     op_args = _schema.buffer_args(layer._buffers, layer.geometry)
-                    spqr_ms = median_ms(lambda x=x, a=op_args: torch.ops.spqr_hf.spqr_linear(x, *a), repeats)
-                    module_ms = median_ms(lambda x=x, layer=layer: layer(x), repeats)
-                codes = "planes" if layer.qweight.dtype == torch.uint8 else "rows"
-                print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>8} {spqr_ms:8.3f} {dense_ms[torch.float32]:8.3f} "
-                      f"{dense_ms[torch.bfloat16]:8.3f} {dense_ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
-                      f"{dense_ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {bits_per_weight:6.2f} {codes:>6} "
-                      f"{module_ms:13.3f} {dense_module_ms:12.3f} {dense_module_ms / module_ms:6.2f}x")
-
+                    calls["SpQR", act] = lambda x=x, a=op_args: torch.ops.spqr_hf.spqr_linear(x, *a)
+                    if batch <= 16:  # modules: a user's model swaps nn.Linear for SpQRLinear, same dtype
+                        dense_module = torch.nn.Linear(n, m, bias=False, dtype=act)
+                        dense_module.weight.copy_(dense)
+                        calls["SpQRLinear", act] = lambda x=x, f=layer: f(x)
+                        calls["nn.Linear", act] = lambda x=x, f=dense_module: f(x)
+                ms = interleaved_median_ms(calls, repeats)
+            fastest = min(ms[dtype] for dtype in (torch.float32, torch.bfloat16, torch.float16))
+            for act in acts:
+                spqr_ms = ms["SpQR", act]
+                modules = (f"{ms['SpQRLinear', act]:13.3f} {ms['nn.Linear', act]:12.3f} "
+                           f"{ms['nn.Linear', act] / ms['SpQRLinear', act]:6.2f}x") if batch <= 16 else (
+                    f"{'-':>13} {'-':>12} {'-':>7}")
+                print(f"{m:>8} x {n:<6} {batch:>5} {str(act)[6:]:>8} {spqr_ms:8.3f} {ms[torch.float32]:8.3f} "
+                      f"{ms[torch.bfloat16]:8.3f} {ms[torch.float16]:8.3f} {fastest / spqr_ms:11.2f}x "
+                      f"{ms[torch.bfloat16] / spqr_ms:8.2f}x {floor_ms:8.3f} {bits_per_weight:6.2f} {layouts[act]:>6} "
+                      f"{modules}")
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,12 @@ layers evict a layer's weights), all measured side by side in this process. SpQR
 float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting), on the
 buffers of an ``SpQRLinear`` after its first call: with bfloat16 activations on a CPU with the
 plane-layout kernels (AVX2) its codes are then in the plane layout (column "layout"), otherwise in the
-row streams. ``SpQR ms`` is the kernel (the ``spqr_hf::spqr_linear`` operator on those buffers), as
-the dense columns time ``torch.nn.functional.linear``; at batch <= 16 the module columns time the
-``SpQRLinear`` call and an ``nn.Linear`` call in the activation dtype (what swapping one for the other
-in a model changes; both add Python, ~0.1 ms cold). The calls of one row take turns (one each per
-round, caches flushed before each), so a slow phase of a noisy machine weighs on all of them alike.
+row streams. ``SpQR ms`` is the kernel (the ``spqr_hf::spqr_linear`` operator's C++ callable on
+those buffers, as ``SpQRLinear`` calls it), as the dense columns time ``torch.nn.functional.linear``;
+at batch <= 16 the module columns time the ``SpQRLinear`` call and an ``nn.Linear`` call in the
+activation dtype (what swapping one for the other in a model changes; both add Python, ~0.1 ms cold).
+The calls of one row take turns (one each per round, caches flushed before each), so a slow phase of
+a noisy machine weighs on all of them alike.
 
     python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N]
         [--prefill-dtypes bfloat16 float32] [--float32-matmul-precision medium]
@@ -30,7 +31,7 @@ import torch
 from spqr_hf.format import layout
 from spqr_hf.format.pack import PackedSpQR, pack_bits
 from spqr_hf.nn.linear import SpQRLinear
-from spqr_hf.ops import _extension, _schema
+from spqr_hf.ops import _extension, _schema, dispatch
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
 
@@ -175,7 +176,7 @@ def main() -> None:
                     layer(x)  # the first call chooses the layout
                     layouts[act] = "planes" if layer.qweight.dtype == torch.uint8 else "rows"
                     op_args = _schema.buffer_args(layer._buffers, layer.geometry)
-                    calls["SpQR", act] = lambda x=x, a=op_args: torch.ops.spqr_hf.spqr_linear(x, *a)
+                    calls["SpQR", act] = lambda x=x, a=op_args: dispatch._CALL(x, *a)  # as SpQRLinear calls it
                     if batch <= 16:  # modules: a user's model swaps nn.Linear for SpQRLinear, same dtype
                         dense_module = torch.nn.Linear(n, m, bias=False, dtype=act)
                         dense_module.weight.copy_(dense)

@@ -169,6 +169,18 @@ def test_forward_honours_the_torch_backend_switch(gen, monkeypatch):
         assert dispatch._getenv is native.getenv
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_compiles_into_one_graph(gen, dtype):
+    """torch.compile traces SpQRLinear without a graph break (the C builtins the eager call takes,
+    getenv and the operator's C++ callable, have traceable stand-ins) and runs the same kernel."""
+    module = SpQRLinear.from_packed(random_packed(48, 96, gen, outlier_density=0.02), torch.randn(48, generator=gen))
+    x = torch.randn(5, 96, generator=gen).to(dtype)
+    with torch.no_grad():
+        eager = module(x)
+        compiled = torch.compile(module, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_forward_rejects_wrong_width(gen):
     module = SpQRLinear.from_packed(random_packed(8, 32, gen))
     with pytest.raises(ValueError, match="32 features"):

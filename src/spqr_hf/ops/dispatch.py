@@ -21,6 +21,23 @@ _OP = torch.ops.spqr_hf.spqr_linear.default  # the overload itself: no overload 
 # Python mapping took ~40 us per lookup on a cold cache (as a layer's call finds it after the other
 # layers' weights went through), the C call ~2 us. Both see os.environ's changes (putenv).
 _getenv = getattr(_extension.load(), "getenv", None) or os.environ.get
+# The C++ operator itself: the OpOverload's Python __call__ in front of it took ~35 us more per call
+# on a cold cache (as much as the rest of a small layer's fixed cost), ~3 us warm.
+_CALL = getattr(_OP, "_op", _OP)
+
+
+def _traceable_getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def _traceable_call(*args):
+    return _OP(*args)
+
+
+# torch.compile cannot trace C builtins: it traces these in their place (eager calls are untouched).
+for _builtin, _polyfill in ((_getenv, _traceable_getenv), (_CALL, _traceable_call)):
+    if _builtin is not _polyfill and type(_builtin).__name__ == "builtin_function_or_method":
+        torch.compiler.substitute_in_graph(_builtin, skip_signature_check=True)(_polyfill)
 
 
 def force_reference() -> bool:
@@ -33,7 +50,7 @@ def spqr_linear(x: torch.Tensor, packed: PackedSpQR, bias: torch.Tensor | None) 
     """``x @ W.T + bias`` for the packed weight ``W``, on the best backend for ``x.device``."""
     if force_reference():
         return spqr_linear_reference(x, packed, bias)
-    return _OP(x, *_schema.op_args(packed, bias))
+    return _CALL(x, *_schema.op_args(packed, bias))
 
 
 def spqr_linear_module(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
@@ -45,4 +62,4 @@ def spqr_linear_module(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     buffers = layer._buffers
     if force_reference():
         return spqr_linear_reference(x, layer.packed, buffers["bias"])
-    return _OP(x, *_schema.buffer_args(buffers, layer.geometry))
+    return _CALL(x, *_schema.buffer_args(buffers, layer.geometry))

@@ -91,9 +91,15 @@ def _last_level_cache_bytes() -> int:
 
 @functools.cache
 def flush_buffer() -> torch.Tensor:
-    """Twice the last-level cache (a virtual machine may report its host's: 480 MiB was seen), at
-    least 96 MiB, at most 1 GiB; made on first use, so that importing this module costs nothing."""
-    return torch.zeros(min(max(2 * _last_level_cache_bytes(), 96 * 2**20), 2**30) // 4)
+    """16x the last-level cache, at least 512 MiB, at most 1 GiB (a virtual machine may report its
+    host's: 480 MiB was seen); made on first use, so that importing this module costs nothing.
+
+    Writing 96 MiB (3x the 32 MiB L3 of a Zen 3 host) left part of an 8 MiB packed layer cached: a
+    4096 x 4096 SpQR call took 0.63 ms after it and 0.76-0.77 ms after 384-768 MiB, an 11008 x 4096
+    one 1.40 vs 1.68-1.89 ms, while the dense float16 ones (32-86 MiB) hardly changed (1.62 vs
+    1.65-1.71 ms). Figures recorded before that (benchmarks/RESULTS.md) flatter SpQR per layer.
+    """
+    return torch.zeros(min(max(16 * _last_level_cache_bytes(), 512 * 2**20), 2**30) // 4)
 
 
 def median_ms(fn, repeats: int, cold: bool = True) -> float:

@@ -2,8 +2,8 @@
 float32 / float16 calls run on) and the CPU plane layout that ``SpQRLinear`` takes for bfloat16 calls
 on AVX2 CPUs (csrc/include/spqr_hf/planes.h, csrc/cpu/plane_kernels.inc), at batch 1.
 
-Two tables: single layers with a 96 MiB cache flush before each call (kernels.py's shapes, with the
-dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
+Two tables: single layers with a cache flush before each call (``kernels.flush_buffer``; kernels.py's
+shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
 model order (projections.py's set). The operator is called directly, on copies in each layout;
 everything is alternated in rounds, since this machine's speed drifts between runs.
 
@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from kernels import random_packed
+from kernels import flush_buffer, random_packed
 from projections import layer_shapes
 from spqr_hf.ops import _schema
 
@@ -33,7 +33,7 @@ def with_planes(packed):
 
 
 def single_layers(rounds: int) -> None:
-    flush = torch.empty(96 << 20, dtype=torch.uint8)
+    flush = flush_buffer()
     print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
@@ -49,7 +49,7 @@ def single_layers(rounds: int) -> None:
             for name, call in calls.items():
                 samples = []
                 for _ in range(15):
-                    flush.add_(1)
+                    flush.add_(1.0)
                     start = time.perf_counter()
                     call()
                     samples.append(time.perf_counter() - start)

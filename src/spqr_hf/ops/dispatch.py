@@ -19,10 +19,10 @@ _OP = torch.ops.spqr_hf.spqr_linear.default  # the overload itself: no overload 
 
 # The environment is read on every call, by C getenv where the native module is built: os.environ's
 # Python mapping took ~40 us per lookup on a cold cache (as a layer's call finds it after the other
-# layers' weights went through), the C call ~2 us. Both see os.environ's changes (putenv).
+# layers' weights went through), the C call ~10. Both see os.environ's changes (putenv).
 _getenv = getattr(_extension.load(), "getenv", None) or os.environ.get
 # The C++ operator itself: the OpOverload's Python __call__ in front of it took ~35 us more per call
-# on a cold cache (as much as the rest of a small layer's fixed cost), ~3 us warm.
+# on a cold cache (a 64 x 4096 layer: 149 -> 112 us; F.linear of the same shape 107), ~3 us warm.
 _CALL = getattr(_OP, "_op", _OP)
 
 
@@ -30,7 +30,7 @@ def _traceable_getenv(name: str) -> str | None:
     return os.environ.get(name)
 
 
-def _traceable_call(*args):
+def _traceable_call(*args: object) -> torch.Tensor:
     return _OP(*args)
 
 

@@ -2,7 +2,7 @@
 float32 / float16 calls run on) and the CPU plane layout that ``SpQRLinear`` takes for bfloat16 calls
 on AVX2 CPUs (csrc/include/spqr_hf/planes.h, csrc/cpu/plane_kernels.inc), at batch 1.
 
-Two tables: single layers with a cache flush before each call (``kernels.flush_buffer``; kernels.py's
+Two tables: single layers with a cache flush before each call (``kernels.median_ms``; kernels.py's
 shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
 model order (projections.py's set). The operator is called directly, on copies in each layout;
 everything is alternated in rounds, since this machine's speed drifts between runs.
@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from kernels import flush_buffer, random_packed
+from kernels import median_ms, random_packed
 from projections import layer_shapes
 from spqr_hf.ops import _schema
 
@@ -33,7 +33,6 @@ def with_planes(packed):
 
 
 def single_layers(rounds: int) -> None:
-    flush = flush_buffer()
     print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
@@ -47,13 +46,7 @@ def single_layers(rounds: int) -> None:
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
-                samples = []
-                for _ in range(15):
-                    flush.add_(1.0)
-                    start = time.perf_counter()
-                    call()
-                    samples.append(time.perf_counter() - start)
-                times[name].append(statistics.median(samples) * 1e3)
+                times[name].append(median_ms(call, 15))
         r, p, f, b = (statistics.median(times[k]) for k in ("rows", "planes", "fp16", "bf16"))
         print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x {f:8.3f} {b:8.3f} {min(f, b) / p:20.2f}x")
 

@@ -81,10 +81,10 @@ def test_plane_kernels_match_float64_reference(isa, bits):
     """Batches 1-24 take the table-lookup matvec (bfloat16), larger ones the transposed tiles and a GEMM,
     other dtypes (and CPUs without the plane kernels) the row streams converted back: heights that end
     mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16 (the
-    generic statistics decoder), raw and 2-8 bit statistics, rows with 0 to many outliers, bias."""
+    generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
     cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),
-             (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48)]
+             (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48), (64, 96, 2, 16)]
     for m, n, stat_bits, qq_groupsize in cases:
         packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
                                stat_bits=stat_bits, outlier_fraction=0.03)

@@ -39,7 +39,7 @@ struct LayerView {
   int64_t n_padded;  // n rounded up to kBlockCols
   int bits, scale_bits, zero_bits;
   int64_t groupsize, qq_groupsize, n_groups, n_chunks;
-  const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1)
+  const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1); row streams only
   const uint8_t* planes;  // the codes in the plane layout (spqr_hf/planes.h) instead of qweight, or nullptr
   int x_bits;  // significand bits of the activations' dtype (8 bfloat16, 11 float16, 24 float32): how
                // finely a kernel that quantises them (int8_matvec.inc) must represent them

@@ -193,7 +193,9 @@ def main() -> None:
                 for act in acts:
                     x = torch.randn(batch, n).to(act)
                     layer, small = SpQRLinear.from_packed(packed), SpQRLinear.from_packed(small_packed)
-                    layer(x), small(x)  # the first call chooses the layout (shared tensors are not replaced)
+                    # Each shares its packed tensors (a layout change replaces only the module's own buffer);
+                    # the first call chooses the layout.
+                    layer(x), small(x)
                     layouts[act] = "planes" if layer.qweight.dtype == torch.uint8 else "rows"
                     for name, spqr in (("SpQR", layer), ("small", small)):  # as SpQRLinear calls the operator
                         op_args = _schema.buffer_args(spqr._buffers, spqr.geometry)

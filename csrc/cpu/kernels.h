@@ -97,12 +97,21 @@ inline int64_t gemm_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   return 16 + (kTileRows * 32 * k_tiles + passes * k_tiles * 512) / 2;  // bfloat16 tile rows and bank
 }
 
-// y[v, i] (fp32, row stride y_stride) for rows [row_begin, row_end) (multiples of kPlaneRows, or m) and
+// The 32-row blocks of one plane matvec call, as its threads take them (ops.cpp): claim(ctx, share, &block,
+// &stolen) gives the next block of the caller's own share (in order, stolen = false), then, that share
+// done, one from the end of another share (stolen = true); false when no block is left. done(ctx,
+// row_begin, row_end) hands finished rows (outliers added) back to the caller.
+struct PlaneBlocks {
+  void* ctx;
+  bool (*claim)(void* ctx, int64_t share, int64_t* block, bool* stolen);
+  void (*done)(void* ctx, int64_t row_begin, int64_t row_end);
+};
+// y[v, i] (fp32, row stride y_stride) for the rows of the blocks it claims from `blocks` as `share`, and
 // 1 <= n_vectors <= kPlaneMaxVectors bfloat16-valued vectors xp (float32, as for MatvecFn) from the codes
 // in layer.planes. Scratch: planes_scratch_floats(layer, n_vectors).
 enum PlanesStatus : int { kPlanesOk = 0, kPlanesBadOutlier = 1, kPlanesUnrepresentable = 2 };
 using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
-                               int64_t row_begin, int64_t row_end, float* scratch);
+                               const PlaneBlocks& blocks, int64_t share, float* scratch);
 constexpr int64_t kPlaneMaxVectors = 24;  // beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3)
 
 // W_perm rows [row_begin, row_end) from layer.planes, transposed: dst[k * ld + row - row_begin] (float32,

@@ -91,6 +91,53 @@ void finish_rows(float* y, int64_t batch, int64_t m, int64_t row_begin, int64_t 
   });
 }
 
+// A plane matvec's blocks (kernels.h, PlaneBlocks) in one contiguous share per thread, as parallel_for
+// would split them, each share's unclaimed blocks [next, end) in one atomic word: its thread takes them
+// from the front, threads done with their own from the back. Why: the threads of a cold 4096 x 4096 call
+// finished up to 15-20% apart, either one first, the call waiting for the later (benchmarks/RESULTS.md).
+class BlockShares {
+ public:
+  BlockShares(int64_t blocks, int64_t shares) : count_(shares), ranges_(static_cast<size_t>(shares)) {
+    const int64_t chunk = (blocks + shares - 1) / shares;
+    for (int64_t s = 0; s < shares; ++s) {
+      const int64_t begin = std::min(blocks, s * chunk), end = std::min(blocks, begin + chunk);
+      ranges_[static_cast<size_t>(s)].word.store(pack(begin, end), std::memory_order_relaxed);
+    }
+  }
+  int64_t count() const { return count_; }
+
+  bool claim(int64_t share, int64_t* block, bool* stolen) {
+    std::atomic<uint64_t>& own = ranges_[static_cast<size_t>(share)].word;
+    for (uint64_t r = own.load(std::memory_order_relaxed); next(r) < end(r);)
+      if (own.compare_exchange_weak(r, pack(next(r) + 1, end(r)), std::memory_order_relaxed)) {
+        *block = next(r);
+        *stolen = false;
+        return true;
+      }
+    for (int64_t k = 1; k < count_; ++k) {
+      std::atomic<uint64_t>& other = ranges_[static_cast<size_t>((share + k) % count_)].word;
+      for (uint64_t r = other.load(std::memory_order_relaxed); next(r) < end(r);)
+        if (other.compare_exchange_weak(r, pack(next(r), end(r) - 1), std::memory_order_relaxed)) {
+          *block = end(r) - 1;
+          *stolen = true;
+          return true;
+        }
+    }
+    return false;
+  }
+
+ private:
+  struct alignas(64) Range {  // a line each: a thread's claims do not disturb another's
+    std::atomic<uint64_t> word{0};
+  };
+  static uint64_t pack(int64_t next, int64_t end) { return static_cast<uint64_t>(next) | static_cast<uint64_t>(end) << 32; }
+  static int64_t next(uint64_t r) { return static_cast<int64_t>(r & 0xFFFFFFFFu); }
+  static int64_t end(uint64_t r) { return static_cast<int64_t>(r >> 32); }
+
+  int64_t count_;
+  std::vector<Range> ranges_;
+};
+
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), "spqr_linear: packed tensor '", name, "' is on ", t.device(),
               "; move the whole layer to the CPU");
@@ -318,10 +365,10 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor y;  // [batch, m] (prefill path)
   at::Tensor out;  // the result in x's dtype and shape (matvec and gemm paths)
-  // out from kernel(y, row_begin, row_end, scratch) over runs of `unit` rows (16-row tiles; 32-row blocks
-  // of the plane layout), split across threads: each thread adds the bias to its rows and converts them
-  // to x's dtype. (A float32 result converted afterwards by .to() cost a tensor and a TensorIterator
-  // per call: ~2 us of a small layer's ~20.)
+  // out from kernel(y, row_begin, row_end, scratch) over runs of `unit` rows (16-row tiles), split across
+  // threads: each thread adds the bias to its rows and converts them to x's dtype. (A float32 result
+  // converted afterwards by .to() cost a tensor and a TensorIterator per call: ~2 us of a small layer's
+  // ~20.) The plane matvec hands out its blocks by BlockShares instead.
   const auto over_row_tiles = [&](int64_t unit, int64_t floats, auto&& kernel) {
     out = at::empty(out_shape, x.options());
     const bool direct = x.scalar_type() == at::kFloat;
@@ -336,12 +383,33 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kFloat);
     const float* xp_ptr = xp.data_ptr<float>();
     std::atomic<bool> representable{true};
-    over_row_tiles(kPlaneRows, planes_scratch_floats(L, batch),
-                   [&](float* y_ptr, int64_t begin, int64_t end, float* scratch) {
-                     const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
-                     if (status == kPlanesUnrepresentable) representable = false;
-                     return status != kPlanesBadOutlier;
-                   });
+    out = at::empty(out_shape, x.options());
+    float* y_ptr = result_scratch(batch * m);
+    BlockShares shares(plane_blocks(m), std::min<int64_t>(plane_blocks(m), at::get_num_threads()));
+    struct Finish {
+      BlockShares* shares;
+      float* y;
+      int64_t batch, m;
+      const float* bias;
+      const at::Tensor* out;
+    } finish{&shares, y_ptr, batch, m, bias_ptr, &out};
+    const PlaneBlocks blocks{
+        &finish,
+        [](void* ctx, int64_t share, int64_t* block, bool* stolen) {
+          return static_cast<Finish*>(ctx)->shares->claim(share, block, stolen);
+        },
+        [](void* ctx, int64_t row_begin, int64_t row_end) {
+          const Finish& f = *static_cast<Finish*>(ctx);
+          finish_rows(f.y, f.batch, f.m, row_begin, row_end, f.bias, *f.out);
+        }};
+    const int64_t floats = planes_scratch_floats(L, batch);
+    at::parallel_for(0, shares.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t share = begin; share < end; ++share) {
+        const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, blocks, share, thread_scratch(floats));
+        if (status == kPlanesUnrepresentable) representable = false;
+        if (status == kPlanesBadOutlier) ok = false;
+      }
+    });
     if (!representable.load()) return on_rows();  // non-finite or tiny activations: the float loops
   } else if (plane_gemm) {
     // As the prefill path below, with float32 tiles of W_perm dequantised from the planes transposed

@@ -29,8 +29,9 @@ PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches de
 
 
 def _planes_of(packed: PackedSpQR) -> PackedSpQR:
-    planes = cpu_layout.to_planes(packed.qweight, packed.in_features, packed.out_features, packed.bits)
-    return dataclasses.replace(packed, qweight=planes)
+    """The plane form of a packed layer: codes in bit planes, second-level parameters chunk-major."""
+    return dataclasses.replace(packed, **cpu_layout.buffers_to_planes(
+        packed.tensors(), packed.in_features, packed.out_features, packed.bits))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -42,6 +43,11 @@ def test_conversions_round_trip_bit_exact(bits):
         planes = cpu_layout.to_planes(packed.qweight, n, m, bits)
         assert planes.dtype == torch.uint8 and planes.numel() == (m + 31) // 32 * (n // 16) * bits * 64
         assert torch.equal(cpu_layout.to_rows(planes, n, m, bits), packed.qweight)
+        form = cpu_layout.buffers_to_planes(packed.tensors(), n, m, bits)
+        assert form["scale_meta"].shape == (packed.scale_meta.shape[1], n // 16, 2)  # chunk-major [R, G, 2]
+        assert torch.equal(form["zero_meta"][-1, 0], packed.zero_meta[0, -1])
+        back = cpu_layout.buffers_to_rows(form, n, m, bits)
+        assert all(torch.equal(back[name], packed.tensors()[name]) for name in cpu_layout.PLANE_BUFFERS)
 
 
 def test_layout_holds_each_code_bit_where_the_header_says():
@@ -74,6 +80,8 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
         run_op(torch.randn(1, 48), dataclasses.replace(_planes_of(packed), qweight=planes[:-1]))
     with pytest.raises(RuntimeError, match="plane layout needs"):  # planes claimed for a 5-bit layer
         run_op(torch.randn(1, 48), dataclasses.replace(packed, bits=5, qweight=planes))
+    with pytest.raises(RuntimeError, match="scale_meta"):  # planes with group-major second-level parameters
+        run_op(torch.randn(1, 48), dataclasses.replace(packed, qweight=planes))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -161,11 +169,12 @@ def test_module_takes_planes_on_bfloat16_calls_and_saves_row_streams():
     before = module.state_dict()
     y = module(x)
     assert module.qweight.dtype == torch.uint8  # the plane layout, same bytes (72 rows padded to 96)
+    assert module.scale_meta.shape == (72 // 16 + 1, 96 // 16, 2)  # chunk-major second-level parameters
     assert_close_to_reference(y, x, dataclasses.replace(packed, qweight=original), module.bias)
     after = module.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)  # checkpoints see the row streams
-    assert torch.equal(module.packed.qweight, original)
+    assert torch.equal(module.packed.qweight, original) and torch.equal(module.packed.zero_meta, packed.zero_meta)
     assert torch.equal(module.dequantize(), SpQRLinear.from_packed(dataclasses.replace(packed, qweight=original),
                                                                      module.bias).dequantize())
     assert torch.equal(module(x), y)  # deterministic on the planes
@@ -182,6 +191,7 @@ def test_module_restores_row_streams_for_other_dtypes_moves_and_loads():
     assert torch.equal(module(xb), yb) and module.qweight.dtype == torch.uint8  # planes again
     module.to(torch.float32)  # .to() restores the row streams (dtypes of packed buffers kept)
     assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, original)
+    assert torch.equal(module.scale_meta, packed.scale_meta) and torch.equal(module.zero_meta, packed.zero_meta)
     module(xb)
     state = {k: v.clone() for k, v in _module(72)[0].state_dict().items()}
     module.load_state_dict(state)  # loading into a module holding planes

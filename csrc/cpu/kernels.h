@@ -30,8 +30,9 @@ struct LayerView {
   int64_t scale_row_bytes;
   const uint8_t* zero_codes;  // [G, zero_row_bytes]
   int64_t zero_row_bytes;
-  const uint16_t* scale_meta;  // [G, R, 2] float16 bits, or nullptr when scale_bits == 16
-  const uint16_t* zero_meta;  // [G, R, 2] float16 bits, or nullptr when zero_bits == 16
+  const uint16_t* scale_meta;  // [G, R, 2] float16 bits ([R, G, 2] with planes), or nullptr when scale_bits == 16
+  const uint16_t* zero_meta;  // the same for the zero points (zero_bits)
+  int64_t meta_group_stride, meta_chunk_stride;  // uint16 from one group / chunk to the next in both
   const int32_t* outlier_row_ptr;  // [m + 1], validated: 0, monotone, ends at nnz
   const uint16_t* outlier_col;  // [nnz] permuted columns (checked < n while used)
   const uint16_t* outlier_delta;  // [nnz] float16 bits
@@ -121,9 +122,9 @@ using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld,
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 2 chunks
-  // of both streams; 64 statistic lanes; a block of raw second-level pairs; alignment.
+  // of both streams; 64 statistic lanes; alignment.
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
-  return n_vectors * (32 * G + 2 * G) + 8 * G8 + 64 + 2 * kInt16MetaChunks * G8 + 16;
+  return n_vectors * (32 * G + 2 * G) + 8 * G8 + 64 + 16;
 }
 
 struct KernelTable {

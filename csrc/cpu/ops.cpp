@@ -257,13 +257,15 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
   check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
+  // The second-level parameters: [G, R, 2], chunk-major [R, G, 2] with planes (spqr_hf/planes.h).
+  const std::vector<int64_t> meta_shape = planes ? std::vector<int64_t>{R, G, 2} : std::vector<int64_t>{G, R, 2};
   if (scale_bits != kRawStatBits) {
     TORCH_CHECK(scale_meta.has_value(), "spqr_linear: scale_bits=", scale_bits, " needs 'scale_meta'");
-    check_buffer(*scale_meta, "scale_meta", at::kHalf, {G, R, 2});
+    check_buffer(*scale_meta, "scale_meta", at::kHalf, meta_shape);
   }
   if (zero_bits != kRawStatBits) {
     TORCH_CHECK(zero_meta.has_value(), "spqr_linear: zero_bits=", zero_bits, " needs 'zero_meta'");
-    check_buffer(*zero_meta, "zero_meta", at::kHalf, {G, R, 2});
+    check_buffer(*zero_meta, "zero_meta", at::kHalf, meta_shape);
   }
   check_buffer(perm, "perm", at::kShort, {n});
   check_buffer(outlier_row_ptr, "outlier_row_ptr", at::kInt, {m + 1});
@@ -282,9 +284,15 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const KernelTable& kernels = kernels_or_throw();
   const int64_t batch = x.numel() / n;
   const auto on_rows = [&]() {
-    return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), scale_codes, zero_codes, scale_meta, zero_meta,
-                           perm, outlier_row_ptr, outlier_col, outlier_delta, bias, in_features, out_features, bits,
-                           groupsize, qq_groupsize, scale_bits, zero_bits);
+    const auto group_major = [](const std::optional<at::Tensor>& meta) -> std::optional<at::Tensor> {
+      if (!meta.has_value()) return std::nullopt;
+      return meta->transpose(0, 1).contiguous();
+    };
+    return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), scale_codes, zero_codes,
+                           scale_bits != kRawStatBits ? group_major(scale_meta) : scale_meta,
+                           zero_bits != kRawStatBits ? group_major(zero_meta) : zero_meta, perm, outlier_row_ptr,
+                           outlier_col, outlier_delta, bias, in_features, out_features, bits, groupsize, qq_groupsize,
+                           scale_bits, zero_bits);
   };
   const bool plane_kernels = planes && has_plane_kernels(kernels);
   const bool plane_matvec = plane_kernels && x.scalar_type() == at::kBFloat16 && batch >= 1 && batch <= kPlaneMaxVectors;
@@ -339,6 +347,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.zero_row_bytes = zc.size(1) * 4;
   L.scale_meta = sm.defined() ? reinterpret_cast<const uint16_t*>(sm.data_ptr<at::Half>()) : nullptr;
   L.zero_meta = zm.defined() ? reinterpret_cast<const uint16_t*>(zm.data_ptr<at::Half>()) : nullptr;
+  L.meta_group_stride = planes ? 2 : R * 2;
+  L.meta_chunk_stride = planes ? G * 2 : 2;
   L.outlier_row_ptr = row_ptr;
   L.outlier_col = reinterpret_cast<const uint16_t*>(oc.data_ptr<int16_t>());
   L.outlier_delta = reinterpret_cast<const uint16_t*>(od.data_ptr<at::Half>());

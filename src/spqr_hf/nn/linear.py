@@ -22,9 +22,10 @@ class SpQRLinear(nn.Module):
     quantization config when a checkpoint is reloaded. ``nnz`` sizes the outlier buffers.
 
     On a CPU with the plane-layout kernels (:mod:`spqr_hf.ops.cpu_layout`), the first bfloat16 call
-    rearranges the ``qweight`` buffer into that layout (faster decoding, same bytes); ``state_dict``,
-    ``load_state_dict``, ``.to()`` and calls in other dtypes see or restore the row streams, so
-    checkpoints and every other path only ever meet the format of :mod:`spqr_hf.format.layout`.
+    rearranges the ``qweight``, ``scale_meta`` and ``zero_meta`` buffers into the plane form (faster
+    decoding, same bytes); ``state_dict``, ``load_state_dict``, ``.to()`` and calls in other dtypes see
+    or restore the checkpoint form, so checkpoints and every other path only ever meet the format of
+    :mod:`spqr_hf.format.layout`.
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class SpQRLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
         self.register_buffer("bias", bias_tensor)
-        self._planes = False  # whether the qweight buffer holds the CPU plane layout
+        self._planes = False  # whether the buffers hold the CPU plane form (cpu_layout.PLANE_BUFFERS)
         self._layout_chosen = False  # whether a bfloat16 call has chosen the layout (forward reads one flag)
 
     @classmethod
@@ -80,7 +81,7 @@ class SpQRLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Keep the packed buffers' dtypes through ``model.to(dtype)`` / ``.half()``: only the
         device may change for them (their dtypes are part of the format); the bias follows. The
-        row streams are restored first: the plane layout is a CPU form, rebuilt on the next call."""
+        checkpoint form is restored first: the plane form is a CPU form, rebuilt on the next call."""
         self._use_rows()
         packed = {name: getattr(self, name) for name in self.packed.tensors()}
         super()._apply(fn, recurse)
@@ -90,57 +91,59 @@ class SpQRLinear(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
-    def _rows_qweight(self) -> torch.Tensor:
-        """``qweight`` as row streams, converted (a new tensor) while the buffer holds the plane layout."""
-        qweight = self._buffers["qweight"]
+    def _row_buffers(self) -> dict[str, torch.Tensor | None]:
+        """The buffers the plane form changes, in the checkpoint form: converted (new tensors) while
+        the module holds the plane form, else its own."""
         if self._planes:
-            return cpu_layout.to_rows(qweight, self.in_features, self.out_features, self.bits)
-        return qweight
+            return cpu_layout.buffers_to_rows(self._buffers, self.in_features, self.out_features, self.bits)
+        return {name: self._buffers[name] for name in cpu_layout.PLANE_BUFFERS}
 
     def _use_rows(self) -> None:
-        """Put the row streams back into the ``qweight`` buffer (a no-op unless it holds planes)."""
+        """Put the checkpoint form back into the buffers (a no-op unless they hold the plane form)."""
         if self._planes:
             with torch.no_grad():
-                self._buffers["qweight"] = self._rows_qweight()
+                self._buffers.update(self._row_buffers())
             self._planes = False
         self._layout_chosen = False
 
     def _choose_layout(self, x: torch.Tensor) -> None:
-        """On the first bfloat16 call: the plane layout, where this CPU's kernels and the layer take it
-        (and ``SPQR_HF_CPU_LAYOUT=rows`` does not keep the row streams)."""
+        """On the first bfloat16 call: the plane form, where this CPU's kernels and the layer take it
+        (and ``SPQR_HF_CPU_LAYOUT=rows`` does not keep the checkpoint form)."""
         self._layout_chosen = True
         if (x.device.type == "cpu" and self._buffers["qweight"].device.type == "cpu" and not force_reference()
                 and not torch.compiler.is_compiling() and cpu_layout.wanted() and cpu_layout.kernels_available()
                 and cpu_layout.layer_fits(self.in_features, self.groupsize, self.bits)):
             with torch.no_grad():
-                self._buffers["qweight"] = cpu_layout.to_planes(
-                    self._buffers["qweight"], self.in_features, self.out_features, self.bits)
+                self._buffers.update(cpu_layout.buffers_to_planes(
+                    self._buffers, self.in_features, self.out_features, self.bits))
             self._planes = True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        """Checkpoints get the row streams whatever the layout in memory."""
+        """Checkpoints get the checkpoint form whatever the form in memory."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._planes:
-            destination[prefix + "qweight"] = self._rows_qweight()
+            for name, tensor in self._row_buffers().items():
+                if tensor is not None:
+                    destination[prefix + name] = tensor
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Loads into the row streams (the layout the checkpoint has)."""
+        """Loads into the checkpoint form (the one the checkpoint has)."""
         self._use_rows()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def packed(self) -> PackedSpQR:
-        """The packed tensors as a :class:`PackedSpQR` view (no copy, but for ``qweight`` while it
-        holds the plane layout: then its row streams are converted).
+        """The packed tensors as a :class:`PackedSpQR` view (no copy, but for the plane form's buffers
+        while the module holds it: then they are converted to the checkpoint form).
 
         Built on every forward of the reference path, so it reads ``_buffers`` directly: ten
         ``nn.Module.__getattr__`` lookups cost more than a small layer's whole native matvec.
         """
-        buffers = self._buffers
+        buffers, rows = self._buffers, self._row_buffers()
         return PackedSpQR(
             *self.geometry,
-            qweight=self._rows_qweight(), scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
-            scale_meta=buffers["scale_meta"], zero_meta=buffers["zero_meta"], perm=buffers["perm"],
+            qweight=rows["qweight"], scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
+            scale_meta=rows["scale_meta"], zero_meta=rows["zero_meta"], perm=buffers["perm"],
             outlier_row_ptr=buffers["outlier_row_ptr"], outlier_col=buffers["outlier_col"],
             outlier_delta=buffers["outlier_delta"],
         )
@@ -168,7 +171,7 @@ class SpQRLinear(nn.Module):
         if x.dtype is torch.bfloat16:
             if not self._layout_chosen:
                 self._choose_layout(x)
-        elif self._planes:  # the plane kernels take bfloat16 only: back to the row streams' kernels
+        elif self._planes:  # the plane kernels take bfloat16 only: back to the checkpoint form's kernels
             self._use_rows()
         return spqr_linear_module(x, self)
 

@@ -1,15 +1,18 @@
-"""The CPU plane layout of a layer's codes (``csrc/include/spqr_hf/planes.h``): when a layer takes it
-and the conversions both ways.
+"""The CPU plane form of a layer (``csrc/include/spqr_hf/planes.h``): when a layer takes it and the
+conversions both ways.
 
 On CPUs whose kernels have it (AVX2), a layer's ``qweight`` row streams are rearranged into bit planes
-of 32-row blocks, which a table-lookup matvec reads for bfloat16 decoding. It is a form of the same
-codes held in memory instead of the row streams (one copy), never a checkpoint format: ``SpQRLinear``
-converts back for saving, moving and other dtypes. The bit layout lives in the native code alone.
+of 32-row blocks, which a table-lookup matvec reads for bfloat16 decoding, and its second-level
+parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead of ``[G, R, 2]``).
+It is a form of the same tensors held in memory instead of the checkpoint's (one copy), never a
+checkpoint format: ``SpQRLinear`` converts back for saving, moving and other dtypes. The bit layout
+lives in the native code alone.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -32,6 +35,29 @@ def layer_fits(in_features: int, groupsize: int, bits: int) -> bool:
     """Whether a layer's codes can take the plane layout (2-4 bits, groups of 16 columns)."""
     module = _extension.load()
     return module is not None and bool(module.plane_layout_fits(in_features, groupsize, bits))
+
+
+# The buffers the plane form changes (the operator tells the forms apart by qweight's dtype).
+PLANE_BUFFERS = ("qweight", "scale_meta", "zero_meta")
+
+
+def buffers_to_planes(buffers: Mapping[str, torch.Tensor | None], in_features: int, out_features: int,
+                      bits: int) -> dict[str, torch.Tensor | None]:
+    """The plane form of a layer's ``PLANE_BUFFERS`` (new tensors) from their checkpoint form."""
+    return {"qweight": to_planes(buffers["qweight"], in_features, out_features, bits),
+            "scale_meta": _transposed(buffers.get("scale_meta")), "zero_meta": _transposed(buffers.get("zero_meta"))}
+
+
+def buffers_to_rows(buffers: Mapping[str, torch.Tensor | None], in_features: int, out_features: int,
+                    bits: int) -> dict[str, torch.Tensor | None]:
+    """The checkpoint form of a layer's ``PLANE_BUFFERS`` (new tensors) from their plane form, bit for bit."""
+    return {"qweight": to_rows(buffers["qweight"], in_features, out_features, bits),
+            "scale_meta": _transposed(buffers.get("scale_meta")), "zero_meta": _transposed(buffers.get("zero_meta"))}
+
+
+def _transposed(meta: torch.Tensor | None) -> torch.Tensor | None:
+    """Second-level parameters ``[a, b, 2]`` as ``[b, a, 2]`` (group-major <-> chunk-major), or None."""
+    return None if meta is None else meta.transpose(0, 1).contiguous()
 
 
 def to_planes(qweight: torch.Tensor, in_features: int, out_features: int, bits: int) -> torch.Tensor:

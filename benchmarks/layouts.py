@@ -22,14 +22,15 @@ import torch
 
 from kernels import median_ms, random_packed
 from projections import layer_shapes
-from spqr_hf.ops import _schema
+from spqr_hf.ops import _schema, cpu_layout
 
 OP = torch.ops.spqr_hf.spqr_linear.default
 
 
 def with_planes(packed):
-    planes = torch.ops.spqr_hf.planes_from_rows(packed.qweight, packed.in_features, packed.out_features, packed.bits)
-    return dataclasses.replace(packed, qweight=planes)
+    """The layer in SpQRLinear's CPU plane form (codes in bit planes, second-level parameters chunk-major)."""
+    return dataclasses.replace(packed, **cpu_layout.buffers_to_planes(
+        packed.tensors(), packed.in_features, packed.out_features, packed.bits))
 
 
 def single_layers(rounds: int) -> None:
@@ -59,7 +60,8 @@ def projections(rounds: int) -> None:
         for s in shapes:
             p = templates[s]
             p = dataclasses.replace(p, qweight=p.qweight.clone(), scale_codes=p.scale_codes.clone(),
-                                    zero_codes=p.zero_codes.clone())
+                                    zero_codes=p.zero_codes.clone(), scale_meta=p.scale_meta.clone(),
+                                    zero_meta=p.zero_meta.clone())
             rows.append((s[1], _schema.op_args(p, None)))
             planes.append((s[1], _schema.op_args(with_planes(p), None)))
     xs = {n: torch.randn(1, n).to(torch.bfloat16) for n in {s[1] for s in shapes}}

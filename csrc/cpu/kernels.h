@@ -32,7 +32,9 @@ struct LayerView {
   int64_t zero_row_bytes;
   const uint16_t* scale_meta;  // [G, R, 2] float16 bits ([R, G, 2] with planes), or nullptr when scale_bits == 16
   const uint16_t* zero_meta;  // the same for the zero points (zero_bits)
-  int64_t meta_group_stride, meta_chunk_stride;  // uint16 from one group / chunk to the next in both
+  // uint16 from one group / chunk to the next in both. Only the plane kernels and the generic decoder
+  // (decode_stat_lanes) go by them; the row-stream kernels, which never see planes, index [G, R, 2].
+  int64_t meta_group_stride, meta_chunk_stride;
   const int32_t* outlier_row_ptr;  // [m + 1], validated: 0, monotone, ends at nnz
   const uint16_t* outlier_col;  // [nnz] permuted columns (checked < n while used)
   const uint16_t* outlier_delta;  // [nnz] float16 bits

@@ -6,10 +6,11 @@ decoder ``nn.Linear`` (154 of them) is replaced by ``SpQRLinear.from_packed`` of
 packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and ~1% outliers
 (embeddings, norms and lm_head stay bfloat16, as in the dense bfloat16 model and the paper). The
 "SpQR 3-bit + head" model also has its lm_head (32000 x 2048) packed at that setting, as
-``SpQRConfig(quantize_lm_head=True)`` gives. On a CPU with the plane-layout kernels (AVX2) the SpQR
-layers decode on that layout, as ``SpQRLinear`` does by itself in bfloat16; the "SpQR 3-bit, row
-streams" model is the same model kept on the checkpoint's row streams (``SPQR_HF_CPU_LAYOUT=rows``),
-for comparison in the same run. Each model runs in its own child process (so its RSS
+``SpQRConfig(quantize_lm_head=True)`` gives. "SpQR 3-bit, float32" is the SpQR model run in float32
+throughout (what a float32 model's user gets), to be compared with dense float32. On a CPU with the
+plane-layout kernels (AVX2) the SpQR layers decode on that layout, as ``SpQRLinear`` does by itself;
+the "SpQR 3-bit, row streams" model is the bfloat16 SpQR model kept on the checkpoint's row streams
+(``SPQR_HF_CPU_LAYOUT=rows``), for comparison in the same run. Each model runs in its own child process (so its RSS
 is its own), one after the other; with ``--rounds N`` the models run N times in turn and the table
 shows median tokens/s and the per-round ratios (the machines are noisy: dense bfloat16 alone varied
 6.7-8.1 tokens/s within one session).
@@ -38,6 +39,7 @@ from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension, cpu_layout
 
 SPQR, SPQR_HEAD, SPQR_ROWS = "SpQR 3-bit", "SpQR 3-bit + head", "SpQR 3-bit, row streams"
+SPQR_F32 = "SpQR 3-bit, float32"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -90,7 +92,7 @@ def decode_tokens_per_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_token
 def build(label: str) -> LlamaForCausalLM:
     """The model for one run, built directly in its dtype (no dense copy left behind for SpQR)."""
     config = tinyllama_config()
-    dtype = torch.float32 if label == "dense float32" else torch.bfloat16
+    dtype = torch.float32 if label in ("dense float32", SPQR_F32) else torch.bfloat16
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -158,7 +160,7 @@ def main() -> None:
         return
     print(f"threads={torch.get_num_threads()}  cpu_isa={_extension.cpu_isa()}  new tokens={args.new_tokens}  "
           f"rounds={args.rounds}  (each model in its own child process, so RSS is that model's)")
-    labels = ("dense float32", "dense bfloat16", SPQR, SPQR_HEAD)
+    labels = ("dense float32", "dense bfloat16", SPQR, SPQR_HEAD, SPQR_F32)
     if cpu_layout.kernels_available():
         labels += (SPQR_ROWS,)
     runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
@@ -178,10 +180,11 @@ def main() -> None:
         speed = "-" if label == "dense float32" else f"{tps / statistics.median(bf16_tps):.2f}x"
         size = "-" if label == "dense float32" else f"{weights / bf16_weights:.2f}x"
         print(f"{label:>23} {tps:9.2f} {weights:12.0f} {rss:9.0f} {speed:>14} {size:>16}")
-    if args.rounds > 1:
-        for label in labels[2:]:
-            ratios = [spqr[0] / bf16 for spqr, bf16 in zip(runs[label], bf16_tps, strict=True)]
-            print(f"{label} / dense bfloat16 per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+    comparisons = [(label, "dense bfloat16") for label in labels[2:]] + [(SPQR_F32, "dense float32")]
+    for label, dense in comparisons:
+        if args.rounds > 1 or dense == "dense float32":
+            ratios = [spqr[0] / base[0] for spqr, base in zip(runs[label], runs[dense], strict=True)]
+            print(f"{label} / {dense} per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
                   f"(median {statistics.median(ratios):.2f}x)")
 
 

@@ -1,6 +1,6 @@
-"""The two layouts of the same codes side by side: the row streams (the checkpoint format, and what
-float32 / float16 calls run on) and the CPU plane layout that ``SpQRLinear`` takes for bfloat16 calls
-on AVX2 CPUs (csrc/include/spqr_hf/planes.h, csrc/cpu/plane_kernels.inc), at batch 1.
+"""The two layouts of the same codes side by side, in bfloat16: the row streams (the checkpoint format)
+and the CPU plane layout that ``SpQRLinear`` takes on AVX2 CPUs (csrc/include/spqr_hf/planes.h,
+csrc/cpu/plane_kernels.inc), at batch 1.
 
 Two tables: single layers with a cache flush before each call (``kernels.median_ms``; kernels.py's
 shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in

@@ -1,7 +1,8 @@
-"""A quantized checkpoint decoded token by token (batch 1, the decode kernels) in three settings:
-bfloat16 on the plane layout (what SpQRLinear does on an AVX2 CPU), bfloat16 on the row streams, and
-float32 on the row streams (activations represented to 2^-31 of each group's largest value). The mean
-next-token NLL of each and how far their log-probabilities are from the float32 run's.
+"""A quantized checkpoint decoded token by token (batch 1, the decode kernels) in four settings:
+bfloat16 and float32 on the plane layout (what SpQRLinear does on an AVX2 CPU; activations in one and
+two table levels), bfloat16 on the row streams, and float32 on the row streams (activations represented
+to 2^-31 of each group's largest value). The mean next-token NLL of each and how far their
+log-probabilities are from the float32 row-stream run's.
 
     python benchmarks/stepwise_nll.py QUANTIZED_DIR [--text FILE] [--tokens 512]
 
@@ -21,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import spqr_hf  # noqa: F401  (registers "spqr")
 from spqr_hf import SpQRLinear
 
-SETTINGS = ("bfloat16, plane layout", "bfloat16, row streams", "float32, row streams")
+REFERENCE = "float32, row streams"
+SETTINGS = ("bfloat16, plane layout", "bfloat16, row streams", "float32, plane layout", REFERENCE)
 
 
 def stepwise_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -63,11 +65,11 @@ def main() -> None:
         nll = -log_probs[setting].gather(1, targets[:, None]).mean()
         print(f"{setting:>24}: mean NLL {nll:.4f} (perplexity {nll.exp():.3f}) over {len(targets)} tokens, "
               f"{time.perf_counter() - start:.1f} s, layouts {layouts}")
-    reference = log_probs[SETTINGS[2]]
-    for setting in SETTINGS[:2]:
+    reference = log_probs[REFERENCE]
+    for setting in SETTINGS[:-1]:
         diff = (log_probs[setting] - reference).abs()
         agree = (log_probs[setting].argmax(-1) == reference.argmax(-1)).float().mean()
-        print(f"{setting:>24} vs float32: |d log p| max {diff.max():.4f} mean {diff.mean():.5f}, "
+        print(f"{setting:>24} vs {REFERENCE}: |d log p| max {diff.max():.4g} mean {diff.mean():.3g}, "
               f"top-1 agreement {agree:.3f}")
 
 

@@ -1,9 +1,11 @@
 """The CPU plane layout of the codes (csrc/include/spqr_hf/planes.h) and its kernels.
 
 Oracle and tolerances as in test_cpu_kernels.py (float64 on the dequantised weight; bfloat16:
-2**-8 * (|ref| + 2 * mag) + 1e-5 * mag). The plane matvec represents bfloat16 activations per
-16-column group in 12-bit levels (2^-12 of the group's largest |x|), inside that bound for the inputs
-drawn here; a wrong plane bit, statistic or row order shifts outputs by O(mag).
+2**-8 * (|ref| + 2 * mag) + 1e-5 * mag; float16: 2**-11 * |ref| + 1e-5 * mag; float32: 1e-5 * mag).
+The plane matvec represents bfloat16 activations per 16-column group in 12-bit levels (2^-12 of the
+group's largest |x|), float16 and float32 ones in two (2^-24), inside those bounds for the inputs drawn
+here (one level would not be for float32: 2^-12 > 1e-5); a wrong plane bit, statistic or row order
+shifts outputs by O(mag).
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_kernels_match_float64_reference(isa, bits):
-    """Batches 1-24 take the table-lookup matvec (bfloat16), larger ones the transposed tiles and a GEMM,
-    other dtypes (and CPUs without the plane kernels) the row streams converted back: heights that end
-    mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16 (the
-    generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many outliers, bias."""
+    """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32),
+    larger ones the transposed tiles and a GEMM, CPUs without the plane kernels the row streams converted
+    back: heights that end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not
+    multiples of 16 (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows
+    with 0 to many outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
     cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),
              (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48), (64, 96, 2, 16)]
@@ -102,13 +105,16 @@ def test_plane_kernels_match_float64_reference(isa, bits):
             x = torch.randn(batch, n, generator=gen).to(torch.bfloat16)
             assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
         for dtype in (torch.float32, torch.float16):
-            x = torch.randn(3, n, generator=gen).to(dtype)
-            assert_close_to_reference(run_op(x, planes, None), x, packed, None)
+            for batch in (1, 3, PLANE_MAX_VECTORS, PLANE_MAX_VECTORS + 1):
+                x = torch.randn(batch, n, generator=gen).to(dtype)
+                assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
 
 
-def test_plane_matvec_activation_range_and_non_finite():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_plane_matvec_activation_range_and_non_finite(dtype):
     """A group with one large value, a group of zeros, a group too small for its reciprocal (the call
-    then runs on the row streams, whose float loop keeps it), and NaN / inf staying non-finite."""
+    then runs on the row streams, whose float loop keeps it; float16 has no such values), and NaN / inf
+    staying non-finite."""
     gen = torch.Generator().manual_seed(60)
     packed = random_packed(gen, 48, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
     planes = _planes_of(packed)
@@ -116,12 +122,13 @@ def test_plane_matvec_activation_range_and_non_finite():
     x = torch.randn(2, 256, generator=gen)
     x[0, perm[0::16]] *= 100.0
     x[:, perm[32:48]] = 0.0
-    xb = x.to(torch.bfloat16)
-    assert_close_to_reference(run_op(xb, planes), xb, packed, None)
-    tiny = (torch.randn(1, 256, generator=gen) * 1e-33).to(torch.bfloat16)
-    assert_close_to_reference(run_op(tiny, planes), tiny, packed, None)
+    xd = x.to(dtype)
+    assert_close_to_reference(run_op(xd, planes), xd, packed, None)
+    if dtype != torch.float16:
+        tiny = (torch.randn(1, 256, generator=gen) * 1e-33).to(dtype)
+        assert_close_to_reference(run_op(tiny, planes), tiny, packed, None)
     for bad in (float("nan"), float("inf")):
-        xn = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+        xn = torch.randn(1, 256, generator=gen).to(dtype)
         xn[0, 7] = bad
         assert not torch.isfinite(run_op(xn, planes)).all()
 
@@ -163,9 +170,10 @@ def _module(seed: int = 70) -> tuple[SpQRLinear, PackedSpQR, torch.Tensor]:
 
 
 @needs_plane_kernels
-def test_module_takes_planes_on_bfloat16_calls_and_saves_row_streams():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_module_takes_planes_on_its_first_call_and_saves_row_streams(dtype):
     module, packed, original = _module()
-    x = torch.randn(3, 96).to(torch.bfloat16)
+    x = torch.randn(3, 96).to(dtype)
     before = module.state_dict()
     y = module(x)
     assert module.qweight.dtype == torch.uint8  # the plane layout, same bytes (72 rows padded to 96)
@@ -181,14 +189,16 @@ def test_module_takes_planes_on_bfloat16_calls_and_saves_row_streams():
 
 
 @needs_plane_kernels
-def test_module_restores_row_streams_for_other_dtypes_moves_and_loads():
+def test_module_keeps_planes_across_dtypes_and_restores_row_streams_on_moves_and_loads():
     module, packed, original = _module(71)
     xb = torch.randn(2, 96).to(torch.bfloat16)
     yb = module(xb)
-    y32 = module(xb.float())  # float32 call: back to the row streams
-    assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, original)
-    assert_close_to_reference(y32, xb.float(), dataclasses.replace(packed, qweight=original), module.bias)
-    assert torch.equal(module(xb), yb) and module.qweight.dtype == torch.uint8  # planes again
+    for dtype in (torch.float32, torch.float16):  # other dtypes run on the planes too
+        x = xb.to(dtype)
+        y = module(x)
+        assert module.qweight.dtype == torch.uint8
+        assert_close_to_reference(y, x, dataclasses.replace(packed, qweight=original), module.bias)
+    assert torch.equal(module(xb), yb)
     module.to(torch.float32)  # .to() restores the row streams (dtypes of packed buffers kept)
     assert module.qweight.dtype == torch.int32 and torch.equal(module.qweight, original)
     assert torch.equal(module.scale_meta, packed.scale_meta) and torch.equal(module.zero_meta, packed.zero_meta)
@@ -238,8 +248,9 @@ def test_plane_kernels_do_not_depend_on_thread_count():
     planes = _planes_of(packed)
     threads = torch.get_num_threads()
     try:
-        for batch in (1, 5, PLANE_MAX_VECTORS):
-            x = torch.randn(batch, 256, generator=gen).to(torch.bfloat16)
+        for batch, dtype in [(1, torch.bfloat16), (5, torch.bfloat16), (PLANE_MAX_VECTORS, torch.bfloat16),
+                             (1, torch.float32), (7, torch.float16)]:
+            x = torch.randn(batch, 256, generator=gen).to(dtype)
             outs = []
             for count in (1, 2, 3):
                 torch.set_num_threads(count)

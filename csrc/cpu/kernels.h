@@ -110,12 +110,18 @@ struct PlaneBlocks {
   void (*done)(void* ctx, int64_t row_begin, int64_t row_end);
 };
 // y[v, i] (fp32, row stride y_stride) for the rows of the blocks it claims from `blocks` as `share`, and
-// 1 <= n_vectors <= kPlaneMaxVectors bfloat16-valued vectors xp (float32, as for MatvecFn) from the codes
-// in layer.planes. Scratch: planes_scratch_floats(layer, n_vectors).
+// 1 <= n_vectors <= kPlaneMaxVectors vectors xp (float32, as for MatvecFn) from the codes in layer.planes.
+// Scratch: planes_scratch_floats(layer, n_vectors).
 enum PlanesStatus : int { kPlanesOk = 0, kPlanesBadOutlier = 1, kPlanesUnrepresentable = 2 };
 using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                                const PlaneBlocks& blocks, int64_t share, float* scratch);
-constexpr int64_t kPlaneMaxVectors = 24;  // beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3)
+// Beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3 for bfloat16; for float32 the matvec of
+// 24 vectors still took 0.67x the GEMM's time on a 4096 x 4096 layer).
+constexpr int64_t kPlaneMaxVectors = 24;
+
+// Levels in which the plane matvec represents the activations: one for bfloat16 (2^-12 of a group's
+// largest |x|), two for float16 and float32 (2^-24; plane_kernels.inc).
+inline int plane_levels(const LayerView& layer) { return layer.x_bits <= 8 ? 1 : 2; }
 
 // W_perm rows [row_begin, row_end) from layer.planes, transposed: dst[k * ld + row - row_begin] (float32,
 // outliers included), rows up to the end of the last 32-row block written. Scratch: 64 floats.
@@ -123,10 +129,10 @@ using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld,
                                  float* scratch);
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  // Per vector: tables (128 bytes per group), units and group sums; second-level parameters of 2 chunks
-  // of both streams; 64 statistic lanes; alignment.
+  // Per vector: tables (128 bytes per group and level), units and group sums; second-level parameters of
+  // 2 chunks of both streams; 64 statistic lanes; alignment.
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
-  return n_vectors * (32 * G + 2 * G) + 8 * G8 + 64 + 16;
+  return n_vectors * (32 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
 }
 
 struct KernelTable {

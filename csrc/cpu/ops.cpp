@@ -10,9 +10,9 @@
 //     (float32, or bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively) and
 //     multiplied by torch's GEMM.
 // Both accumulate in float32; the output has the activation dtype. qweight may also hold the codes in
-// the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form for bfloat16 calls where the kernels
-// have it): bfloat16 batches up to kPlaneMaxVectors take the plane matvec, larger batches transposed
-// tiles dequantised from the planes and torch's GEMM; anything else runs on row streams converted back.
+// the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form where the kernels have it): batches
+// up to kPlaneMaxVectors take the plane matvec, larger batches transposed tiles dequantised from the
+// planes and torch's GEMM; on kernels without the plane layout they run on row streams converted back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -279,8 +279,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                 bias->scalar_type(), " on ", bias->device());
   }
 
-  // The plane layout has a kernel for small bfloat16 batches where the CPU's kernels have one; every
-  // other call runs on the row streams converted back (correct, but paying a conversion per call).
+  // The plane layout has its kernels where the CPU's kernel table has them; elsewhere calls run on the
+  // row streams converted back (correct, but paying a conversion per call).
   const KernelTable& kernels = kernels_or_throw();
   const int64_t batch = x.numel() / n;
   const auto on_rows = [&]() {
@@ -295,7 +295,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            scale_bits, zero_bits);
   };
   const bool plane_kernels = planes && has_plane_kernels(kernels);
-  const bool plane_matvec = plane_kernels && x.scalar_type() == at::kBFloat16 && batch >= 1 && batch <= kPlaneMaxVectors;
+  const bool plane_matvec = plane_kernels && batch >= 1 && batch <= kPlaneMaxVectors;
   const bool plane_gemm = plane_kernels && batch > kPlaneMaxVectors;
   if (planes && !plane_matvec && !plane_gemm) return on_rows();
 

@@ -21,11 +21,10 @@ class SpQRLinear(nn.Module):
     integer geometry (sizes, bits, group sizes) comes from the constructor, i.e. from the
     quantization config when a checkpoint is reloaded. ``nnz`` sizes the outlier buffers.
 
-    On a CPU with the plane-layout kernels (:mod:`spqr_hf.ops.cpu_layout`), the first bfloat16 call
-    rearranges the ``qweight``, ``scale_meta`` and ``zero_meta`` buffers into the plane form (faster
-    decoding, same bytes); ``state_dict``, ``load_state_dict``, ``.to()`` and calls in other dtypes see
-    or restore the checkpoint form, so checkpoints and every other path only ever meet the format of
-    :mod:`spqr_hf.format.layout`.
+    On a CPU with the plane-layout kernels (:mod:`spqr_hf.ops.cpu_layout`), the first call rearranges
+    the ``qweight``, ``scale_meta`` and ``zero_meta`` buffers into the plane form (faster decoding, same
+    bytes); ``state_dict``, ``load_state_dict`` and ``.to()`` see or restore the checkpoint form, so
+    checkpoints and every other path only ever meet the format of :mod:`spqr_hf.format.layout`.
     """
 
     def __init__(
@@ -59,7 +58,7 @@ class SpQRLinear(nn.Module):
         bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
         self.register_buffer("bias", bias_tensor)
         self._planes = False  # whether the buffers hold the CPU plane form (cpu_layout.PLANE_BUFFERS)
-        self._layout_chosen = False  # whether a bfloat16 call has chosen the layout (forward reads one flag)
+        self._layout_chosen = False  # whether a call has chosen the layout (forward reads one flag)
 
     @classmethod
     def from_packed(cls, packed: PackedSpQR, bias: torch.Tensor | None = None) -> SpQRLinear:
@@ -107,8 +106,8 @@ class SpQRLinear(nn.Module):
         self._layout_chosen = False
 
     def _choose_layout(self, x: torch.Tensor) -> None:
-        """On the first bfloat16 call: the plane form, where this CPU's kernels and the layer take it
-        (and ``SPQR_HF_CPU_LAYOUT=rows`` does not keep the checkpoint form)."""
+        """On the first call: the plane form, where this CPU's kernels and the layer take it (and
+        ``SPQR_HF_CPU_LAYOUT=rows`` does not keep the checkpoint form)."""
         self._layout_chosen = True
         if (x.device.type == "cpu" and self._buffers["qweight"].device.type == "cpu" and not force_reference()
                 and not torch.compiler.is_compiling() and cpu_layout.wanted() and cpu_layout.kernels_available()
@@ -168,11 +167,8 @@ class SpQRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SpQRLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        if x.dtype is torch.bfloat16:
-            if not self._layout_chosen:
-                self._choose_layout(x)
-        elif self._planes:  # the plane kernels take bfloat16 only: back to the checkpoint form's kernels
-            self._use_rows()
+        if not self._layout_chosen:
+            self._choose_layout(x)
         return spqr_linear_module(x, self)
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ SCHEMA = (
 torch.library.define(OP_NAME, SCHEMA)
 
 # The CPU plane layout of the codes (csrc/include/spqr_hf/planes.h), a form SpQRLinear keeps on the CPU for
-# bfloat16 decoding: CPU implementations only (spqr_hf._C).
+# decoding: CPU implementations only (spqr_hf._C).
 PLANES_FROM_ROWS = "spqr_hf::planes_from_rows"
 ROWS_FROM_PLANES = "spqr_hf::rows_from_planes"
 torch.library.define(PLANES_FROM_ROWS, "(Tensor qweight, int in_features, int out_features, int bits) -> Tensor")

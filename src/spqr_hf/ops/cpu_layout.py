@@ -2,10 +2,11 @@
 conversions both ways.
 
 On CPUs whose kernels have it (AVX2), a layer's ``qweight`` row streams are rearranged into bit planes
-of 32-row blocks, which a table-lookup matvec reads for bfloat16 decoding, and its second-level
-parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead of ``[G, R, 2]``).
+of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16, float16 and float32), and
+its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead
+of ``[G, R, 2]``).
 It is a form of the same tensors held in memory instead of the checkpoint's (one copy), never a
-checkpoint format: ``SpQRLinear`` converts back for saving, moving and other dtypes. The bit layout
+checkpoint format: ``SpQRLinear`` converts back for saving and moving. The bit layout
 lives in the native code alone.
 """
 

@@ -1,13 +1,14 @@
-"""The two layouts of the same codes side by side, in bfloat16: the row streams (the checkpoint format)
-and the CPU plane layout that ``SpQRLinear`` takes on AVX2 CPUs (csrc/include/spqr_hf/planes.h,
-csrc/cpu/plane_kernels.inc), at batch 1.
+"""The two layouts of the same codes side by side: the row streams (the checkpoint format) and the CPU
+plane layout that ``SpQRLinear`` takes on AVX2 CPUs (csrc/include/spqr_hf/planes.h,
+csrc/cpu/plane_kernels.inc), at batch 1, with activations of one dtype (``--dtype``, bfloat16 by default;
+float32 and float16 take the plane matvec's two-level path and the row streams' two-level int16 one).
 
 Two tables: single layers with a cache flush before each call (``kernels.median_ms``; kernels.py's
 shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
 model order (projections.py's set). The operator is called directly, on copies in each layout;
 everything is alternated in rounds, since this machine's speed drifts between runs.
 
-    python benchmarks/layouts.py [--rounds 3] [--threads 2]
+    python benchmarks/layouts.py [--rounds 3] [--threads 2] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def with_planes(packed):
         packed.tensors(), packed.in_features, packed.out_features, packed.bits))
 
 
-def single_layers(rounds: int) -> None:
+def single_layers(rounds: int, dtype: torch.dtype) -> None:
     print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
         args = {"rows": _schema.op_args(packed, None), "planes": _schema.op_args(with_planes(packed), None)}
-        x = torch.randn(1, n).to(torch.bfloat16)
+        x = torch.randn(1, n).to(dtype)
         linear = torch.nn.functional.linear
         dtypes = (torch.float16, torch.bfloat16)
         dense = {dt: (torch.randn(1, n).to(dt), (torch.randn(m, n) * 0.02).to(dt)) for dt in dtypes}
@@ -52,7 +53,7 @@ def single_layers(rounds: int) -> None:
         print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x {f:8.3f} {b:8.3f} {min(f, b) / p:20.2f}x")
 
 
-def projections(rounds: int) -> None:
+def projections(rounds: int, dtype: torch.dtype) -> None:
     shapes = layer_shapes()
     templates = {s: random_packed(*s, seed=k) for k, s in enumerate(dict.fromkeys(shapes))}
     rows, planes = [], []
@@ -64,7 +65,7 @@ def projections(rounds: int) -> None:
                                     zero_meta=p.zero_meta.clone())
             rows.append((s[1], _schema.op_args(p, None)))
             planes.append((s[1], _schema.op_args(with_planes(p), None)))
-    xs = {n: torch.randn(1, n).to(torch.bfloat16) for n in {s[1] for s in shapes}}
+    xs = {n: torch.randn(1, n).to(dtype) for n in {s[1] for s in shapes}}
 
     def sweep(layers) -> float:
         start = time.perf_counter()
@@ -83,11 +84,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                        help="the activations' dtype (SpQR's; the dense columns stay float16 and bfloat16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads}")
-    single_layers(args.rounds)
-    projections(args.rounds)
+    print(f"threads={args.threads}  activations={args.dtype}")
+    single_layers(args.rounds, getattr(torch, args.dtype))
+    projections(args.rounds, getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ the median of repeated runs with caches flushed before each (as in a model, wher
 layers evict a layer's weights), all measured side by side in this process. SpQR runs with
 float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting), on the
 buffers of an ``SpQRLinear`` after its first call: on a CPU with the plane-layout kernels (AVX2) its
-codes are then in the plane layout (column "layout"), otherwise in the row streams. ``SpQR ms`` is the kernel (the ``spqr_hf::spqr_linear`` operator's C++ callable on
-those buffers, as ``SpQRLinear`` calls it), as the dense columns time ``torch.nn.functional.linear``;
+codes are then in the plane layout (column "layout"), otherwise in the row streams. ``SpQR ms`` is the
+kernel (the ``spqr_hf::spqr_linear`` operator's C++ callable on those buffers, as ``SpQRLinear`` calls
+it), as the dense columns time ``torch.nn.functional.linear``;
 at batch <= 16 the module columns time the ``SpQRLinear`` call and an ``nn.Linear`` call in the
 activation dtype (what swapping one for the other in a model changes; both add Python, ~0.1 ms cold).
 The calls of one row take turns (one each per round, caches flushed before each), so a slow phase of

@@ -47,7 +47,8 @@ def test_conversions_round_trip_bit_exact(bits):
         assert torch.equal(cpu_layout.to_rows(planes, n, m, bits), packed.qweight)
         form = cpu_layout.buffers_to_planes(packed.tensors(), n, m, bits)
         assert form["scale_meta"].shape == (packed.scale_meta.shape[1], n // 16, 2)  # chunk-major [R, G, 2]
-        assert torch.equal(form["zero_meta"][-1, 0], packed.zero_meta[0, -1])
+        assert form["scale_meta"].dtype == torch.int16  # the float16 bits
+        assert torch.equal(form["zero_meta"][-1, 0].view(torch.float16), packed.zero_meta[0, -1])
         back = cpu_layout.buffers_to_rows(form, n, m, bits)
         assert all(torch.equal(back[name], packed.tensors()[name]) for name in cpu_layout.PLANE_BUFFERS)
 
@@ -84,6 +85,14 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
         run_op(torch.randn(1, 48), dataclasses.replace(packed, bits=5, qweight=planes))
     with pytest.raises(RuntimeError, match="scale_meta"):  # planes with group-major second-level parameters
         run_op(torch.randn(1, 48), dataclasses.replace(packed, qweight=planes))
+    # As many chunks as groups (48 rows in chunks of 16, 48 columns): the shapes agree, the dtype tells.
+    square = random_packed(gen, 48, 48, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.0)
+    assert square.scale_meta.shape == (3, 3, 2)
+    square_planes = cpu_layout.to_planes(square.qweight, 48, 48, 3)
+    with pytest.raises(RuntimeError, match="scale_meta"):
+        run_op(torch.randn(1, 48), dataclasses.replace(square, qweight=square_planes))
+    x = torch.randn(2, 48)
+    assert_close_to_reference(run_op(x, _planes_of(square)), x, square, None)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -178,6 +187,7 @@ def test_module_takes_planes_on_its_first_call_and_saves_row_streams(dtype):
     y = module(x)
     assert module.qweight.dtype == torch.uint8  # the plane layout, same bytes (72 rows padded to 96)
     assert module.scale_meta.shape == (72 // 16 + 1, 96 // 16, 2)  # chunk-major second-level parameters
+    assert module.scale_meta.dtype == torch.int16
     assert_close_to_reference(y, x, dataclasses.replace(packed, qweight=original), module.bias)
     after = module.state_dict()
     assert after.keys() == before.keys()

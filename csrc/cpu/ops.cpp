@@ -257,15 +257,17 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
   check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
-  // The second-level parameters: [G, R, 2], chunk-major [R, G, 2] with planes (spqr_hf/planes.h).
+  // The second-level parameters: float16 [G, R, 2]; with planes chunk-major [R, G, 2] and int16 (the
+  // same bits: told apart by dtype where R == G; spqr_hf/planes.h).
   const std::vector<int64_t> meta_shape = planes ? std::vector<int64_t>{R, G, 2} : std::vector<int64_t>{G, R, 2};
+  const at::ScalarType meta_dtype = planes ? at::kShort : at::kHalf;
   if (scale_bits != kRawStatBits) {
     TORCH_CHECK(scale_meta.has_value(), "spqr_linear: scale_bits=", scale_bits, " needs 'scale_meta'");
-    check_buffer(*scale_meta, "scale_meta", at::kHalf, meta_shape);
+    check_buffer(*scale_meta, "scale_meta", meta_dtype, meta_shape);
   }
   if (zero_bits != kRawStatBits) {
     TORCH_CHECK(zero_meta.has_value(), "spqr_linear: zero_bits=", zero_bits, " needs 'zero_meta'");
-    check_buffer(*zero_meta, "zero_meta", at::kHalf, meta_shape);
+    check_buffer(*zero_meta, "zero_meta", meta_dtype, meta_shape);
   }
   check_buffer(perm, "perm", at::kShort, {n});
   check_buffer(outlier_row_ptr, "outlier_row_ptr", at::kInt, {m + 1});
@@ -286,7 +288,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const auto on_rows = [&]() {
     const auto group_major = [](const std::optional<at::Tensor>& meta) -> std::optional<at::Tensor> {
       if (!meta.has_value()) return std::nullopt;
-      return meta->transpose(0, 1).contiguous();
+      return meta->transpose(0, 1).contiguous().view(at::kHalf);
     };
     return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), scale_codes, zero_codes,
                            scale_bits != kRawStatBits ? group_major(scale_meta) : scale_meta,
@@ -345,8 +347,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.scale_row_bytes = sc.size(1) * 4;
   L.zero_codes = reinterpret_cast<const uint8_t*>(zc.data_ptr<int32_t>());
   L.zero_row_bytes = zc.size(1) * 4;
-  L.scale_meta = sm.defined() ? reinterpret_cast<const uint16_t*>(sm.data_ptr<at::Half>()) : nullptr;
-  L.zero_meta = zm.defined() ? reinterpret_cast<const uint16_t*>(zm.data_ptr<at::Half>()) : nullptr;
+  L.scale_meta = sm.defined() ? static_cast<const uint16_t*>(sm.const_data_ptr()) : nullptr;  // float16 bits
+  L.zero_meta = zm.defined() ? static_cast<const uint16_t*>(zm.const_data_ptr()) : nullptr;
   L.meta_group_stride = planes ? 2 : R * 2;
   L.meta_chunk_stride = planes ? G * 2 : 2;
   L.outlier_row_ptr = row_ptr;

@@ -4,7 +4,8 @@ conversions both ways.
 On CPUs whose kernels have it (AVX2), a layer's ``qweight`` row streams are rearranged into bit planes
 of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16, float16 and float32), and
 its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead
-of ``[G, R, 2]``).
+of ``[G, R, 2]``), held as int16 (the same float16 bits) so that the operator tells the forms apart by
+dtype even where ``R == G``.
 It is a form of the same tensors held in memory instead of the checkpoint's (one copy), never a
 checkpoint format: ``SpQRLinear`` converts back for saving and moving. The bit layout
 lives in the native code alone.
@@ -46,19 +47,22 @@ def buffers_to_planes(buffers: Mapping[str, torch.Tensor | None], in_features: i
                       bits: int) -> dict[str, torch.Tensor | None]:
     """The plane form of a layer's ``PLANE_BUFFERS`` (new tensors) from their checkpoint form."""
     return {"qweight": to_planes(buffers["qweight"], in_features, out_features, bits),
-            "scale_meta": _transposed(buffers.get("scale_meta")), "zero_meta": _transposed(buffers.get("zero_meta"))}
+            "scale_meta": _transposed(buffers.get("scale_meta"), torch.int16),
+            "zero_meta": _transposed(buffers.get("zero_meta"), torch.int16)}
 
 
 def buffers_to_rows(buffers: Mapping[str, torch.Tensor | None], in_features: int, out_features: int,
                     bits: int) -> dict[str, torch.Tensor | None]:
     """The checkpoint form of a layer's ``PLANE_BUFFERS`` (new tensors) from their plane form, bit for bit."""
     return {"qweight": to_rows(buffers["qweight"], in_features, out_features, bits),
-            "scale_meta": _transposed(buffers.get("scale_meta")), "zero_meta": _transposed(buffers.get("zero_meta"))}
+            "scale_meta": _transposed(buffers.get("scale_meta"), torch.float16),
+            "zero_meta": _transposed(buffers.get("zero_meta"), torch.float16)}
 
 
-def _transposed(meta: torch.Tensor | None) -> torch.Tensor | None:
-    """Second-level parameters ``[a, b, 2]`` as ``[b, a, 2]`` (group-major <-> chunk-major), or None."""
-    return None if meta is None else meta.transpose(0, 1).contiguous()
+def _transposed(meta: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Second-level parameters ``[a, b, 2]`` as ``[b, a, 2]`` (group-major <-> chunk-major), their bits
+    viewed as ``dtype`` (int16 in the plane form, float16 in the checkpoint's), or None."""
+    return None if meta is None else meta.transpose(0, 1).contiguous().view(dtype)
 
 
 def to_planes(qweight: torch.Tensor, in_features: int, out_features: int, bits: int) -> torch.Tensor:

@@ -28,17 +28,12 @@ from spqr_hf.ops import _schema, cpu_layout
 OP = torch.ops.spqr_hf.spqr_linear.default
 
 
-def with_planes(packed):
-    """The layer in SpQRLinear's CPU plane form (codes in bit planes, second-level parameters chunk-major)."""
-    return dataclasses.replace(packed, **cpu_layout.buffers_to_planes(
-        packed.tensors(), packed.in_features, packed.out_features, packed.bits))
-
-
 def single_layers(rounds: int, dtype: torch.dtype) -> None:
     print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
-        args = {"rows": _schema.op_args(packed, None), "planes": _schema.op_args(with_planes(packed), None)}
+        args = {"rows": _schema.op_args(packed, None),
+                "planes": _schema.op_args(cpu_layout.packed_to_planes(packed), None)}
         x = torch.randn(1, n).to(dtype)
         linear = torch.nn.functional.linear
         dtypes = (torch.float16, torch.bfloat16)
@@ -64,7 +59,7 @@ def projections(rounds: int, dtype: torch.dtype) -> None:
                                     zero_codes=p.zero_codes.clone(), scale_meta=p.scale_meta.clone(),
                                     zero_meta=p.zero_meta.clone())
             rows.append((s[1], _schema.op_args(p, None)))
-            planes.append((s[1], _schema.op_args(with_planes(p), None)))
+            planes.append((s[1], _schema.op_args(cpu_layout.packed_to_planes(p), None)))
     xs = {n: torch.randn(1, n).to(dtype) for n in {s[1] for s in shapes}}
 
     def sweep(layers) -> float:

@@ -30,12 +30,6 @@ pytestmark = pytest.mark.skipif(
 PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
 
 
-def _planes_of(packed: PackedSpQR) -> PackedSpQR:
-    """The plane form of a packed layer: codes in bit planes, second-level parameters chunk-major."""
-    return dataclasses.replace(packed, **cpu_layout.buffers_to_planes(
-        packed.tensors(), packed.in_features, packed.out_features, packed.bits))
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_conversions_round_trip_bit_exact(bits):
     gen = torch.Generator().manual_seed(40 + bits)
@@ -80,7 +74,7 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
     with pytest.raises(RuntimeError, match="qweight"):
         cpu_layout.to_rows(planes[:-1], 48, 20, 3)
     with pytest.raises(RuntimeError, match="qweight"):
-        run_op(torch.randn(1, 48), dataclasses.replace(_planes_of(packed), qweight=planes[:-1]))
+        run_op(torch.randn(1, 48), dataclasses.replace(cpu_layout.packed_to_planes(packed), qweight=planes[:-1]))
     with pytest.raises(RuntimeError, match="plane layout needs"):  # planes claimed for a 5-bit layer
         run_op(torch.randn(1, 48), dataclasses.replace(packed, bits=5, qweight=planes))
     with pytest.raises(RuntimeError, match="scale_meta"):  # planes with group-major second-level parameters
@@ -92,7 +86,7 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
     with pytest.raises(RuntimeError, match="scale_meta"):
         run_op(torch.randn(1, 48), dataclasses.replace(square, qweight=square_planes))
     x = torch.randn(2, 48)
-    assert_close_to_reference(run_op(x, _planes_of(square)), x, square, None)
+    assert_close_to_reference(run_op(x, cpu_layout.packed_to_planes(square)), x, square, None)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -108,7 +102,7 @@ def test_plane_kernels_match_float64_reference(isa, bits):
     for m, n, stat_bits, qq_groupsize in cases:
         packed = random_packed(gen, m, n, bits=bits, groupsize=16, qq_groupsize=min(qq_groupsize, m),
                                stat_bits=stat_bits, outlier_fraction=0.03)
-        planes = _planes_of(packed)
+        planes = cpu_layout.packed_to_planes(packed)
         bias = torch.randn(m, generator=gen)
         for batch in (1, 2, 5, PLANE_MAX_VECTORS, PLANE_MAX_VECTORS + 1, 40):
             x = torch.randn(batch, n, generator=gen).to(torch.bfloat16)
@@ -126,7 +120,7 @@ def test_plane_matvec_activation_range_and_non_finite(dtype):
     staying non-finite."""
     gen = torch.Generator().manual_seed(60)
     packed = random_packed(gen, 48, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
-    planes = _planes_of(packed)
+    planes = cpu_layout.packed_to_planes(packed)
     perm = packed.perm.long() & 0xFFFF
     x = torch.randn(2, 256, generator=gen)
     x[0, perm[0::16]] *= 100.0
@@ -147,7 +141,7 @@ def test_plane_kernels_bad_outlier_column_raises():
     packed = random_packed(gen, 40, 64, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.2)
     col = packed.outlier_col.clone()
     col[len(col) // 2] = 64
-    bad = _planes_of(dataclasses.replace(packed, outlier_col=col))
+    bad = cpu_layout.packed_to_planes(dataclasses.replace(packed, outlier_col=col))
     for batch in (1, PLANE_MAX_VECTORS + 1):
         with pytest.raises(RuntimeError, match="outlier_col"):
             run_op(torch.randn(batch, 64).to(torch.bfloat16), bad)
@@ -255,7 +249,7 @@ def test_plane_kernels_do_not_depend_on_thread_count():
     thread count (larger batches end in torch's GEMM, whose own blocking may depend on it)."""
     gen = torch.Generator().manual_seed(76)
     packed = random_packed(gen, 200, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.02)
-    planes = _planes_of(packed)
+    planes = cpu_layout.packed_to_planes(packed)
     threads = torch.get_num_threads()
     try:
         for batch, dtype in [(1, torch.bfloat16), (5, torch.bfloat16), (PLANE_MAX_VECTORS, torch.bfloat16),

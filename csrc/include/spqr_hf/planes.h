@@ -19,11 +19,11 @@
 // vector is row 8 v + l), so its per-row statistics load as they are stored.
 //
 // In the plane form a layer's second-level parameters (scale_meta, zero_meta) are chunk-major too,
-// [R][G][2] instead of layout.h's [G][R][2] (SpQRLinear transposes them with the codes), and held as
-// int16 (the same float16 bits), so that the operator tells the forms apart by dtype even where
-// R == G and the shapes agree: a block's two
+// [R][G][2] instead of layout.h's [G][R][2] (SpQRLinear transposes them with the codes): a block's two
 // chunks are then 2 * G contiguous pairs per stream, read in order, where the group-major rows put them
 // 64 bytes (a line) apart per group; regathered every 8 blocks those lines cost ~5-11% of a cold call.
+// They are held as int16 (the same float16 bits), so that the operator tells the forms apart by dtype
+// even where R == G and the shapes agree.
 #pragma once
 
 #include <cstdint>

@@ -5,19 +5,20 @@ On CPUs whose kernels have it (AVX2), a layer's ``qweight`` row streams are rear
 of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16, float16 and float32), and
 its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead
 of ``[G, R, 2]``), held as int16 (the same float16 bits) so that the operator tells the forms apart by
-dtype even where ``R == G``.
-It is a form of the same tensors held in memory instead of the checkpoint's (one copy), never a
-checkpoint format: ``SpQRLinear`` converts back for saving and moving. The bit layout
-lives in the native code alone.
+dtype even where ``R == G``. It is a form of the same tensors held in memory instead of the
+checkpoint's (one copy), never a checkpoint format: ``SpQRLinear`` converts back for saving and
+moving. The bit layout lives in the native code alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
 import torch
 
+from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.ops import _extension, _schema  # noqa: F401  (_schema defines the conversion operators)
 
 
@@ -49,6 +50,13 @@ def buffers_to_planes(buffers: Mapping[str, torch.Tensor | None], in_features: i
     return {"qweight": to_planes(buffers["qweight"], in_features, out_features, bits),
             "scale_meta": _transposed(buffers.get("scale_meta"), torch.int16),
             "zero_meta": _transposed(buffers.get("zero_meta"), torch.int16)}
+
+
+def packed_to_planes(packed: PackedSpQR) -> PackedSpQR:
+    """A packed layer with its ``PLANE_BUFFERS`` in the plane form, for calling the operator on that form
+    directly (tests, benchmarks); ``SpQRLinear`` converts its own buffers."""
+    return dataclasses.replace(packed, **buffers_to_planes(
+        packed.tensors(), packed.in_features, packed.out_features, packed.bits))
 
 
 def buffers_to_rows(buffers: Mapping[str, torch.Tensor | None], in_features: int, out_features: int,

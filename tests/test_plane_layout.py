@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
+PLANE_MAX_VECTORS_BF16_GEMM = 12  # kPlaneMaxVectorsBf16Gemm: the same for bfloat16 on CPUs with AVX512_BF16
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -91,9 +92,9 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_kernels_match_float64_reference(isa, bits):
-    """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32),
-    larger ones the transposed tiles and a GEMM, CPUs without the plane kernels the row streams converted
-    back: heights that end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not
+    """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32;
+    bfloat16 only 1-12 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
+    ones there) and a GEMM, CPUs without the plane kernels the row streams converted back: heights that end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not
     multiples of 16 (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows
     with 0 to many outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
@@ -104,7 +105,8 @@ def test_plane_kernels_match_float64_reference(isa, bits):
                                stat_bits=stat_bits, outlier_fraction=0.03)
         planes = cpu_layout.packed_to_planes(packed)
         bias = torch.randn(m, generator=gen)
-        for batch in (1, 2, 5, PLANE_MAX_VECTORS, PLANE_MAX_VECTORS + 1, 40):
+        for batch in (1, 2, 5, PLANE_MAX_VECTORS_BF16_GEMM, PLANE_MAX_VECTORS_BF16_GEMM + 1, PLANE_MAX_VECTORS,
+                      PLANE_MAX_VECTORS + 1, 40):
             x = torch.randn(batch, n, generator=gen).to(torch.bfloat16)
             assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
         for dtype in (torch.float32, torch.float16):
@@ -134,6 +136,22 @@ def test_plane_matvec_activation_range_and_non_finite(dtype):
         xn = torch.randn(1, 256, generator=gen).to(dtype)
         xn[0, 7] = bad
         assert not torch.isfinite(run_op(xn, planes)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plane_prefill_keeps_non_finite_statistics(dtype):
+    """A float16 NaN with the widest payload as a second-level step (a corrupted checkpoint): the rows it
+    scales come out non-finite in the plane layout's prefill as in the row streams' (a bfloat16 rounding
+    without the NaN case would carry it into the sign bit: -0), the other rows finite."""
+    gen = torch.Generator().manual_seed(62)
+    packed = random_packed(gen, 64, 96, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.05)
+    meta = packed.scale_meta.clone()
+    meta.view(torch.int16)[1, 0, 0] = 0x7FFF  # group 1, chunk 0 (rows 0-15): step NaN
+    bad = dataclasses.replace(packed, scale_meta=meta)
+    x = torch.randn(PLANE_MAX_VECTORS + 8, 96, generator=gen).to(dtype)
+    rows, planes = run_op(x, bad), run_op(x, cpu_layout.packed_to_planes(bad))
+    assert not torch.isfinite(rows[:, :16]).any() and torch.isfinite(rows[:, 16:]).all()
+    assert torch.equal(torch.isfinite(planes), torch.isfinite(rows))
 
 
 def test_plane_kernels_bad_outlier_column_raises():
@@ -252,7 +270,7 @@ def test_plane_kernels_do_not_depend_on_thread_count():
     planes = cpu_layout.packed_to_planes(packed)
     threads = torch.get_num_threads()
     try:
-        for batch, dtype in [(1, torch.bfloat16), (5, torch.bfloat16), (PLANE_MAX_VECTORS, torch.bfloat16),
+        for batch, dtype in [(1, torch.bfloat16), (5, torch.bfloat16), (PLANE_MAX_VECTORS_BF16_GEMM, torch.bfloat16),
                              (1, torch.float32), (7, torch.float16)]:
             x = torch.randn(batch, 256, generator=gen).to(dtype)
             outs = []

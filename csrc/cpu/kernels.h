@@ -118,6 +118,9 @@ using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t 
 // Beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3 for bfloat16; for float32 the matvec of
 // 24 vectors still took 0.67x the GEMM's time on a 4096 x 4096 layer).
 constexpr int64_t kPlaneMaxVectors = 24;
+// Where the GEMM runs in bfloat16 (bfloat16 activations, a CPU that multiplies them natively) it wins
+// sooner: from 9 vectors on a Zen 4 core (benchmarks/RESULTS.md).
+constexpr int64_t kPlaneMaxVectorsBf16Gemm = 12;
 
 // Levels in which the plane matvec represents the activations: one for bfloat16 (2^-12 of a group's
 // largest |x|), two for float16 and float32 (2^-24; plane_kernels.inc).
@@ -127,6 +130,17 @@ inline int plane_levels(const LayerView& layer) { return layer.x_bits <= 8 ? 1 :
 // outliers included), rows up to the end of the last 32-row block written. Scratch: 64 floats.
 using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
                                  float* scratch);
+
+// The same as bfloat16 bits, each weight rounded once with its outlier added. Scratch:
+// planes_dequant_bf16_scratch_floats.
+using PlanesDequantBf16Fn = bool (*)(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin,
+                                     int64_t row_end, float* scratch);
+constexpr int64_t kPlaneDequantRows = 256;  // rows the dequantisers take group by group (1 KiB float32 runs)
+// Scratch of PlanesDequantBf16Fn for a layer with at most max_nnz outliers in kPlaneDequantRows rows from
+// any multiple of 32: a float32 tile of 16 columns, a group's outlier bounds and the sorted outliers.
+inline int64_t planes_dequant_bf16_scratch_floats(const LayerView& layer, int64_t max_nnz) {
+  return 64 + 16 * kPlaneDequantRows + layer.n_groups + 2 * max_nnz + 16;
+}
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   // Per vector: tables (128 bytes per group and level), units and group sums; second-level parameters of
@@ -142,14 +156,26 @@ struct KernelTable {
   DequantBf16Fn dequant_bf16;
   GemmFn gemm;  // small bfloat16 batches on a matrix unit, or nullptr
   MatvecBatchFn matvec_max_batch;  // the largest batch the matvec takes for a layer; nullptr: kMatvecMaxBatch
-  PlanesMatvecFn planes_matvec;  // bfloat16 matvec on the plane layout, or nullptr (ops.cpp converts it back)
+  PlanesMatvecFn planes_matvec;  // matvec on the plane layout, or nullptr (ops.cpp converts it back)
   PlanesDequantFn planes_dequant_t;  // its prefill dequantiser, or nullptr
+  PlanesDequantBf16Fn planes_dequant_t_bf16;  // the same to bfloat16 (for a bfloat16 GEMM), or nullptr
 };
 
 // Whether a table runs the plane layout itself (else ops.cpp converts it back to row streams per call).
 inline bool has_plane_kernels(const KernelTable& table) {
-  return table.planes_matvec != nullptr && table.planes_dequant_t != nullptr;
+  return table.planes_matvec != nullptr && table.planes_dequant_t != nullptr && table.planes_dequant_t_bf16 != nullptr;
 }
+
+// The AVX2 plane kernels, which the AVX-512 tables share (kernels_avx2.cpp): on a Zen 4 core they run a
+// bfloat16 4096 x 4096 matvec in 0.6x the time of the avx512bf16 row-stream kernel (benchmarks/RESULTS.md).
+namespace isa_avx2 {
+int planes_matvec(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
+                  const PlaneBlocks& blocks, int64_t share, float* scratch);
+bool planes_dequant_t(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                      float* scratch);
+bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                           float* scratch);
+}  // namespace isa_avx2
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;

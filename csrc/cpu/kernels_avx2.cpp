@@ -2,6 +2,7 @@
 // runtime CPUID check in cpu_features.cpp, so the package still runs on older CPUs.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -98,11 +99,26 @@ int64_t matvec_max_batch(const LayerView& L) {
   return int16_path::covers(L) && int16_path::levels_for(L) == 1 ? kInt16MaxVectors : kMatvecMaxBatch;
 }
 
+int planes_matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
+                  const PlaneBlocks& blocks, int64_t share, float* scratch) {
+  return plane_path::matvec(L, xp, n_vectors, y, y_stride, blocks, share, scratch);
+}
+
+bool planes_dequant_t(const LayerView& L, float* dst, int64_t ld, int64_t row_begin, int64_t row_end, float* scratch) {
+  return plane_path::dequant_t(L, dst, ld, row_begin, row_end, scratch);
+}
+
+bool planes_dequant_t_bf16(const LayerView& L, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
+                           float* scratch) {
+  return plane_path::dequant_t_bf16(L, dst, ld, row_begin, row_end, scratch);
+}
+
 }  // namespace isa_avx2
 
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
                                   &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch,
-                                  &isa_avx2::plane_path::matvec, &isa_avx2::plane_path::dequant_t};
+                                  &isa_avx2::planes_matvec, &isa_avx2::planes_dequant_t,
+                                  &isa_avx2::planes_dequant_t_bf16};
 
 }  // namespace cpu
 }  // namespace spqr_hf

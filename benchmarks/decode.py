@@ -8,7 +8,7 @@ packed buffers at 3-bit weights, groups of 16, 3-bit statistics over 16 rows and
 "SpQR 3-bit + head" model also has its lm_head (32000 x 2048) packed at that setting, as
 ``SpQRConfig(quantize_lm_head=True)`` gives. "SpQR 3-bit, float32" is the SpQR model run in float32
 throughout (what a float32 model's user gets), to be compared with dense float32. On a CPU with the
-plane-layout kernels (AVX2) the SpQR layers decode on that layout, as ``SpQRLinear`` does by itself;
+plane-layout kernels (AVX2, AVX-512) the SpQR layers decode on that layout, as ``SpQRLinear`` does by itself;
 the "SpQR 3-bit, row streams" model is the bfloat16 SpQR model kept on the checkpoint's row streams
 (``SPQR_HF_CPU_LAYOUT=rows``), for comparison in the same run. Each model runs in its own child process (so its RSS
 is its own), one after the other; with ``--rounds N`` the models run N times in turn and the table
@@ -33,7 +33,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kernels import random_packed
+from kernel_speed import random_packed
 from spqr_hf.format.pack import PackedSpQR
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension, cpu_layout

@@ -1,9 +1,9 @@
 """The two layouts of the same codes side by side: the row streams (the checkpoint format) and the CPU
-plane layout that ``SpQRLinear`` takes on AVX2 CPUs (csrc/include/spqr_hf/planes.h,
+plane layout that ``SpQRLinear`` takes on AVX2 and AVX-512 CPUs (csrc/include/spqr_hf/planes.h,
 csrc/cpu/plane_kernels.inc), at batch 1, with activations of one dtype (``--dtype``, bfloat16 by default;
 float32 and float16 take the plane matvec's two-level path and the row streams' two-level int16 one).
 
-Two tables: single layers with a cache flush before each call (``kernels.median_ms``; kernels.py's
+Two tables: single layers with a cache flush before each call (``kernel_speed.median_ms``; kernel_speed.py's
 shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projections of a TinyLlama-shaped model swept in
 model order (projections.py's set). The operator is called directly, on copies in each layout;
 everything is alternated in rounds, since this machine's speed drifts between runs.
@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from kernels import median_ms, random_packed
+from kernel_speed import median_ms, random_packed
 from projections import layer_shapes
 from spqr_hf.ops import _schema, cpu_layout
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from decode import PROJECTIONS, spqr_copy, tinyllama_config
-from kernels import random_packed
+from kernel_speed import random_packed
 from spqr_hf.nn.linear import SpQRLinear
 from spqr_hf.ops import _extension
 

@@ -11,8 +11,9 @@
 //     multiplied by torch's GEMM.
 // Both accumulate in float32; the output has the activation dtype. qweight may also hold the codes in
 // the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form where the kernels have it): batches
-// up to kPlaneMaxVectors take the plane matvec, larger batches transposed tiles dequantised from the
-// planes and torch's GEMM; on kernels without the plane layout they run on row streams converted back.
+// up to kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16) take the plane
+// matvec, larger batches transposed tiles dequantised from the planes (float32 or bfloat16, as above) and
+// torch's GEMM; on kernels without the plane layout they run on row streams converted back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

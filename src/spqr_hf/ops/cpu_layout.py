@@ -1,7 +1,7 @@
 """The CPU plane form of a layer (``csrc/include/spqr_hf/planes.h``): when a layer takes it and the
 conversions both ways.
 
-On CPUs whose kernels have it (AVX2), a layer's ``qweight`` row streams are rearranged into bit planes
+On CPUs whose kernels have it (AVX2 and AVX-512, not AMX), a layer's ``qweight`` row streams are rearranged into bit planes
 of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16, float16 and float32), and
 its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead
 of ``[G, R, 2]``), held as int16 (the same float16 bits) so that the operator tells the forms apart by

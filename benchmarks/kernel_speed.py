@@ -5,7 +5,7 @@ Layers are random but valid packed buffers at the issue's setting (3-bit weights
 the median of repeated runs with caches flushed before each (as in a model, where the other
 layers evict a layer's weights), all measured side by side in this process. SpQR runs with
 float32 and with bfloat16 activations at batch <= 16, bfloat16 above (the prefill setting), on the
-buffers of an ``SpQRLinear`` after its first call: on a CPU with the plane-layout kernels (AVX2) its
+buffers of an ``SpQRLinear`` after its first call: on a CPU with the plane-layout kernels (AVX2, AVX-512) its
 codes are then in the plane layout (column "layout"), otherwise in the row streams. ``SpQR ms`` is the
 kernel (the ``spqr_hf::spqr_linear`` operator's C++ callable on those buffers, as ``SpQRLinear`` calls
 it), as the dense columns time ``torch.nn.functional.linear``;
@@ -20,7 +20,7 @@ are cold. Without it the flush evicts the code too, and the timed call also pays
 torch's dispatcher, the operator and the threads' wake-up from memory (a 64 x 4096 bfloat16 layer on
 the Zen 3 host: SpQR 249 -> 86 us, dense float16 144 -> 56 us). ``--cold-code`` times that case.
 
-    python benchmarks/kernels.py [--batches 1 512] [--repeats 20] [--threads N] [--cold-code]
+    python benchmarks/kernel_speed.py [--batches 1 512] [--repeats 20] [--threads N] [--cold-code]
         [--prefill-dtypes bfloat16 float32] [--float32-matmul-precision medium]
 """
 

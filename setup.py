@@ -28,6 +28,7 @@ _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx2_evex.cpp": ["-mavx2", *_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512.cpp": [*_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512bf16.cpp": [
         *_AVX512_FLAGS, "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-Wno-maybe-uninitialized",

@@ -94,9 +94,10 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 def test_plane_kernels_match_float64_reference(isa, bits):
     """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32;
     bfloat16 only 1-12 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
-    ones there) and a GEMM, CPUs without the plane kernels the row streams converted back: heights that end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not
-    multiples of 16 (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows
-    with 0 to many outliers, bias."""
+    ones there) and a GEMM, CPUs without the plane kernels the row streams converted back: heights that
+    end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
+    (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many
+    outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
     cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),
              (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48), (64, 96, 2, 16)]

@@ -166,16 +166,17 @@ inline bool has_plane_kernels(const KernelTable& table) {
   return table.planes_matvec != nullptr && table.planes_dequant_t != nullptr && table.planes_dequant_t_bf16 != nullptr;
 }
 
-// The AVX2 plane kernels, which the AVX-512 tables share (kernels_avx2.cpp): on a Zen 4 core they run a
-// bfloat16 4096 x 4096 matvec in 0.6x the time of the avx512bf16 row-stream kernel (benchmarks/RESULTS.md).
-namespace isa_avx2 {
+// The AVX2 plane kernels built with the AVX-512 flags too (kernels_avx2_evex.cpp), which the AVX-512
+// tables share: on a Zen 4 a bfloat16 4096 x 4096 matvec took 0.6-0.75x the avx512bf16 row-stream
+// kernel's time, and 0.91-0.96x the AVX2 build's (32 vector registers: no spilled accumulators).
+namespace isa_avx2_evex {
 int planes_matvec(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                   const PlaneBlocks& blocks, int64_t share, float* scratch);
 bool planes_dequant_t(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
                       float* scratch);
 bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
                            float* scratch);
-}  // namespace isa_avx2
+}  // namespace isa_avx2_evex
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;

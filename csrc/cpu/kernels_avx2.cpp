@@ -2,7 +2,6 @@
 // runtime CPUID check in cpu_features.cpp, so the package still runs on older CPUs.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -11,7 +10,11 @@
 
 namespace spqr_hf {
 namespace cpu {
-namespace isa_avx2 {
+// kernels_avx2_evex.cpp builds this file again as isa_avx2_evex (see there).
+#if !defined(SPQR_HF_AVX2_NAMESPACE)
+#define SPQR_HF_AVX2_NAMESPACE isa_avx2
+#endif
+namespace SPQR_HF_AVX2_NAMESPACE {
 
 #include "spqr_hf/layout.h"
 #include "spqr_hf/planes.h"
@@ -99,6 +102,8 @@ int64_t matvec_max_batch(const LayerView& L) {
   return int16_path::covers(L) && int16_path::levels_for(L) == 1 ? kInt16MaxVectors : kMatvecMaxBatch;
 }
 
+#if defined(SPQR_HF_AVX2_EVEX)
+// This build's plane kernels, for the AVX-512 tables (kernels.h).
 int planes_matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                   const PlaneBlocks& blocks, int64_t share, float* scratch) {
   return plane_path::matvec(L, xp, n_vectors, y, y_stride, blocks, share, scratch);
@@ -112,13 +117,16 @@ bool planes_dequant_t_bf16(const LayerView& L, uint16_t* dst, int64_t ld, int64_
                            float* scratch) {
   return plane_path::dequant_t_bf16(L, dst, ld, row_begin, row_end, scratch);
 }
+#endif
 
-}  // namespace isa_avx2
+}  // namespace SPQR_HF_AVX2_NAMESPACE
 
+#if !defined(SPQR_HF_AVX2_EVEX)
 const KernelTable kAvx2Kernels = {"avx2", &isa_avx2::matvec, &isa_avx2::detail::dequant_f32,
                                   &isa_avx2::detail::dequant_bf16, nullptr, &isa_avx2::matvec_max_batch,
-                                  &isa_avx2::planes_matvec, &isa_avx2::planes_dequant_t,
-                                  &isa_avx2::planes_dequant_t_bf16};
+                                  &isa_avx2::plane_path::matvec, &isa_avx2::plane_path::dequant_t,
+                                  &isa_avx2::plane_path::dequant_t_bf16};
+#endif
 
 }  // namespace cpu
 }  // namespace spqr_hf

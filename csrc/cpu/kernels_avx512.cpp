@@ -20,8 +20,8 @@ namespace isa_avx512 {
 
 const KernelTable kAvx512Kernels = {"avx512", &isa_avx512::detail::matvec, &isa_avx512::detail::dequant_f32,
                                     &isa_avx512::detail::dequant_bf16, nullptr, nullptr,
-                                    &isa_avx2::planes_matvec, &isa_avx2::planes_dequant_t,
-                                    &isa_avx2::planes_dequant_t_bf16};
+                                    &isa_avx2_evex::planes_matvec, &isa_avx2_evex::planes_dequant_t,
+                                    &isa_avx2_evex::planes_dequant_t_bf16};
 
 }  // namespace cpu
 }  // namespace spqr_hf

@@ -1,13 +1,13 @@
 """The CPU plane form of a layer (``csrc/include/spqr_hf/planes.h``): when a layer takes it and the
 conversions both ways.
 
-On CPUs whose kernels have it (AVX2 and AVX-512, not AMX), a layer's ``qweight`` row streams are rearranged into bit planes
-of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16, float16 and float32), and
-its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major (``[R, G, 2]`` instead
-of ``[G, R, 2]``), held as int16 (the same float16 bits) so that the operator tells the forms apart by
-dtype even where ``R == G``. It is a form of the same tensors held in memory instead of the
-checkpoint's (one copy), never a checkpoint format: ``SpQRLinear`` converts back for saving and
-moving. The bit layout lives in the native code alone.
+On CPUs whose kernels have it (AVX2 and AVX-512, not AMX), a layer's ``qweight`` row streams are
+rearranged into bit planes of 32-row blocks, which a table-lookup matvec reads for decoding (bfloat16,
+float16 and float32), and its second-level parameters ``scale_meta`` / ``zero_meta`` become chunk-major
+(``[R, G, 2]`` instead of ``[G, R, 2]``), held as int16 (the same float16 bits) so that the operator
+tells the forms apart by dtype even where ``R == G``. It is a form of the same tensors held in memory
+instead of the checkpoint's (one copy), never a checkpoint format: ``SpQRLinear`` converts back for
+saving and moving. The bit layout lives in the native code alone.
 """
 
 from __future__ import annotations

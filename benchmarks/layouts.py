@@ -8,7 +8,11 @@ shapes, with the dense float16 / bfloat16 matvecs), and the 154 decode projectio
 model order (projections.py's set). The operator is called directly, on copies in each layout;
 everything is alternated in rounds, since this machine's speed drifts between runs.
 
-    python benchmarks/layouts.py [--rounds 3] [--threads 2] [--dtype float32]
+With ``--batches`` the single layers also run at other batch sizes (beyond the plane matvec's batches the
+plane layout's prefill path: tiles dequantised from the planes for torch's GEMM, against the row
+streams' own); the projection sweep stays at batch 1.
+
+    python benchmarks/layouts.py [--rounds 3] [--threads 2] [--dtype float32] [--batches 1 16 512]
 """
 
 from __future__ import annotations
@@ -23,29 +27,29 @@ import torch
 
 from kernel_speed import median_ms, random_packed
 from projections import layer_shapes
-from spqr_hf.ops import _schema, cpu_layout
+from spqr_hf.ops import _extension, _schema, cpu_layout
 
 OP = torch.ops.spqr_hf.spqr_linear.default
 
 
-def single_layers(rounds: int, dtype: torch.dtype) -> None:
-    print(" shape (out x in)   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
+def single_layers(rounds: int, dtype: torch.dtype, batch: int) -> None:
+    print(" shape (out x in) batch   rows ms  planes ms  rows/planes  fp16 ms  bf16 ms  fastest dense/planes")
     for m, n in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         packed = random_packed(m, n, seed=1)
         args = {"rows": _schema.op_args(packed, None),
                 "planes": _schema.op_args(cpu_layout.packed_to_planes(packed), None)}
-        x = torch.randn(1, n).to(dtype)
+        x = torch.randn(batch, n).to(dtype)
         linear = torch.nn.functional.linear
         dtypes = (torch.float16, torch.bfloat16)
-        dense = {dt: (torch.randn(1, n).to(dt), (torch.randn(m, n) * 0.02).to(dt)) for dt in dtypes}
+        dense = {dt: (torch.randn(batch, n).to(dt), (torch.randn(m, n) * 0.02).to(dt)) for dt in dtypes}
         calls = {"rows": partial(OP, x, *args["rows"]), "planes": partial(OP, x, *args["planes"]),
                  "fp16": partial(linear, *dense[torch.float16]), "bf16": partial(linear, *dense[torch.bfloat16])}
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
-                times[name].append(median_ms(call, 15))
+                times[name].append(median_ms(call, 15 if batch <= 16 else 5))
         r, p, f, b = (statistics.median(times[k]) for k in ("rows", "planes", "fp16", "bf16"))
-        print(f"{m:>7} x {n:<7} {r:9.3f} {p:10.3f} {r / p:11.2f}x {f:8.3f} {b:8.3f} {min(f, b) / p:20.2f}x")
+        print(f"{m:>7} x {n:<7} {batch:>5} {r:9.3f} {p:10.3f} {r / p:11.2f}x {f:8.3f} {b:8.3f} {min(f, b) / p:20.2f}x")
 
 
 def projections(rounds: int, dtype: torch.dtype) -> None:
@@ -81,10 +85,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                         help="the activations' dtype (SpQR's; the dense columns stay float16 and bfloat16)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes of the single layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads}  activations={args.dtype}")
-    single_layers(args.rounds, getattr(torch, args.dtype))
+    print(f"threads={args.threads}  activations={args.dtype}  cpu_isa={_extension.cpu_isa()}")
+    for batch in args.batches:
+        single_layers(args.rounds, getattr(torch, args.dtype), batch)
     projections(args.rounds, getattr(torch, args.dtype))
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
-PLANE_MAX_VECTORS_BF16_GEMM = 12  # kPlaneMaxVectorsBf16Gemm: the same for bfloat16 on CPUs with AVX512_BF16
+PLANE_MAX_VECTORS_BF16_GEMM = 16  # kPlaneMaxVectorsBf16Gemm: the same for bfloat16 on CPUs with AVX512_BF16
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -93,7 +93,7 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_kernels_match_float64_reference(isa, bits):
     """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32;
-    bfloat16 only 1-12 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
+    bfloat16 only 1-16 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
     ones there) and a GEMM, CPUs without the plane kernels the row streams converted back: heights that
     end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
     (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many

@@ -118,9 +118,10 @@ using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t 
 // Beyond: planes_dequant_t and torch's GEMM (faster on a Zen 3 for bfloat16; for float32 the matvec of
 // 24 vectors still took 0.67x the GEMM's time on a 4096 x 4096 layer).
 constexpr int64_t kPlaneMaxVectors = 24;
-// Where the GEMM runs in bfloat16 (bfloat16 activations, a CPU that multiplies them natively) it wins
-// sooner: from 9 vectors on a Zen 4 core (benchmarks/RESULTS.md).
-constexpr int64_t kPlaneMaxVectorsBf16Gemm = 12;
+// Where the GEMM runs in bfloat16 (bfloat16 activations, a CPU that multiplies them natively) the prefill
+// path takes over sooner: on a Zen 4, 16 vectors took the matvec about as long as bfloat16 tiles and the
+// GEMM on 4096 x 4096 (6-9 vs 7 ms) and less on 11008 x 4096 (17-20 vs 27 ms; benchmarks/RESULTS.md).
+constexpr int64_t kPlaneMaxVectorsBf16Gemm = 16;
 
 // Levels in which the plane matvec represents the activations: one for bfloat16 (2^-12 of a group's
 // largest |x|), two for float16 and float32 (2^-24; plane_kernels.inc).

@@ -170,7 +170,7 @@ def test_plane_kernels_write_scratch_before_reading_it():
     env = {**os.environ, "SPQR_HF_POISON_SCRATCH": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "plane_kernels_match or activation_range"],
+         "plane_kernels_match or activation_range or bad_outlier"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]

@@ -440,7 +440,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     // The bfloat16 dequantiser sorts the outliers of kPlaneDequantRows rows at a time in its scratch.
     int64_t max_nnz = 0;
     for (int64_t row = 0; use_bf16 && row < m; row += kPlaneRows)
-      max_nnz = std::max<int64_t>(max_nnz, L.outlier_row_ptr[std::min(row + kPlaneDequantRows, m)] - L.outlier_row_ptr[row]);
+      max_nnz = std::max<int64_t>(max_nnz,
+                                  L.outlier_row_ptr[std::min(row + kPlaneDequantRows, m)] - L.outlier_row_ptr[row]);
     for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
       const int64_t rows = std::min(tile_rows, m - row0);
       at::parallel_for(0, num_groups(rows, kPlaneRows), 1, [&](int64_t begin, int64_t end) {

@@ -43,12 +43,13 @@ constexpr int64_t kGemmMinBatch = 5;  // bfloat16 batches from here to kGemmMaxV
 // a 4096 x 4096 layer (benchmarks/RESULTS.md). Capped in bytes for very wide layers.
 constexpr int64_t kGemmTileRows = 1024;
 constexpr int64_t kGemmTileMaxBytes = int64_t(24) << 20;
-// Rows per tile dequantised from the plane layout, stored transposed ([n, rows]): a column's run is one
-// tile row, so tiles of 1024 rows wrote 4 KiB runs to 4096 pages (a 4096-column layer), past the TLB,
-// and were slower than the row streams' tiles. At most 256 rows and ~6 MiB (Zen 3: 4096 x 4096 and
-// 11008 x 4096 layers took 128-256, 4096 x 11008 128; benchmarks/RESULTS.md).
-constexpr int64_t kPlaneGemmTileRows = 256;
-constexpr int64_t kPlaneGemmTileBytes = int64_t(6) << 20;
+// Rows per thread's tile dequantised from the plane layout, stored transposed ([n, rows]): a column's run
+// is one tile row, so tiles of 1024 rows wrote 4 KiB runs to 4096 pages (a 4096-column layer), past the
+// TLB, and were slower than the row streams' tiles (Zen 3). At most 128 rows and 2 MiB per thread (Zen 4,
+// one tile per thread: 128 rows took 0.9-1.0x the time of 256 on 4096-column layers, 0.83-0.85x on
+// 4096 x 11008; float32 64-128 rows alike, 256 slower; benchmarks/RESULTS.md).
+constexpr int64_t kPlaneGemmTileRows = 128;
+constexpr int64_t kPlaneGemmTileBytes = int64_t(2) << 20;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -428,40 +429,36 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     });
     if (!representable.load()) return on_rows();  // non-finite or tiny activations: the float loops
   } else if (plane_gemm) {
-    // As the prefill path below, with float32 tiles of W_perm dequantised from the planes transposed
-    // ([n, rows], 32-row blocks split across threads) for x_perm @ tile; bfloat16 tiles (groups split
-    // across threads) for bfloat16 activations on CPUs that multiply bfloat16 natively (a Zen 4's float32
-    // GEMM took 2.7x the time).
-    const bool use_bf16 = bf16_gemm;
-    const at::ScalarType gemm_dtype = use_bf16 ? at::kBFloat16 : at::kFloat;
+    // Each thread dequantises tiles of its own rows of W_perm from the planes, transposed ([n, rows]),
+    // and multiplies x_perm by them with a GEMM of its own (single-threaded inside the parallel region):
+    // float32 tiles, or bfloat16 ones for bfloat16 activations on CPUs that multiply bfloat16 natively
+    // (a Zen 4's float32 GEMM took 2.7x the time). A tile then never leaves its core: with tiles shared by
+    // all threads' dequantisers and one multi-threaded GEMM, a Zen 4 took 1.1-1.4x the time (float32:
+    // 1.35-1.45x), and in some processes 2x (benchmarks/RESULTS.md).
+    const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
-    const int64_t tile_rows = tile_rows_for(m, kPlaneRows, kPlaneGemmTileRows, kPlaneGemmTileBytes, n_padded * 4);
+    const int64_t tile_rows =
+        tile_rows_for(m, kPlaneRows, kPlaneGemmTileRows, kPlaneGemmTileBytes, n_padded * at::elementSize(gemm_dtype));
     y = at::empty({batch, m}, x.options().dtype(gemm_dtype));
-    at::Tensor w_tile = at::empty({n_padded, tile_rows}, x.options().dtype(gemm_dtype));
     // The bfloat16 dequantiser sorts the outliers of kPlaneDequantRows rows at a time in its scratch.
     int64_t max_nnz = 0;
-    for (int64_t row = 0; use_bf16 && row < m; row += kPlaneRows)
+    for (int64_t row = 0; bf16_gemm && row < m; row += kPlaneRows)
       max_nnz = std::max<int64_t>(max_nnz,
                                   L.outlier_row_ptr[std::min(row + kPlaneDequantRows, m)] - L.outlier_row_ptr[row]);
-    for (int64_t row0 = 0; row0 < m && ok.load(); row0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, m - row0);
-      if (use_bf16) {  // threads split the groups (whole columns each: 0.89-1.0x the time of splitting rows)
-        at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-          if (!kernels.planes_dequant_t_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()),
-                                             tile_rows, row0, row0 + rows, begin, end,
-                                             thread_scratch(planes_dequant_bf16_scratch_floats(L, max_nnz))))
-            ok = false;
-        });
-      } else {
-        at::parallel_for(0, num_groups(rows, kPlaneRows), 1, [&](int64_t begin, int64_t end) {
-          const int64_t first = row0 + begin * kPlaneRows, last = std::min(row0 + end * kPlaneRows, row0 + rows);
-          if (!kernels.planes_dequant_t(L, w_tile.data_ptr<float>() + (first - row0), tile_rows, first, last,
-                                        thread_scratch(64)))
-            ok = false;
-        });
+    at::parallel_for(0, plane_blocks(m), 1, [&](int64_t block_begin, int64_t block_end) {
+      at::Tensor w_tile = at::empty({n_padded, tile_rows}, x.options().dtype(gemm_dtype));
+      float* scratch = thread_scratch(bf16_gemm ? planes_dequant_bf16_scratch_floats(L, max_nnz) : 64);
+      const int64_t end = std::min(block_end * kPlaneRows, m);
+      for (int64_t row0 = block_begin * kPlaneRows; row0 < end && ok.load(); row0 += tile_rows) {
+        const int64_t rows = std::min(tile_rows, end - row0);
+        const bool tile_ok =
+            bf16_gemm ? kernels.planes_dequant_t_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()),
+                                                      tile_rows, row0, row0 + rows, 0, G, scratch)
+                      : kernels.planes_dequant_t(L, w_tile.data_ptr<float>(), tile_rows, row0, row0 + rows, scratch);
+        if (!tile_ok) ok = false;
+        y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(1, 0, rows)));
       }
-      y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(1, 0, rows)));
-    }
+    });
   } else if (kernels.gemm != nullptr && x.scalar_type() == at::kBFloat16 && batch >= kGemmMinBatch &&
       batch <= kGemmMaxVectors) {
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, at::kBFloat16);

@@ -132,10 +132,10 @@ inline int plane_levels(const LayerView& layer) { return layer.x_bits <= 8 ? 1 :
 using PlanesDequantFn = bool (*)(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
                                  float* scratch);
 
-// The same as bfloat16 bits for the groups [group_begin, group_end) (their 16 columns each) of the rows,
-// each weight rounded once with its outlier added. Scratch: planes_dequant_bf16_scratch_floats.
+// The same as bfloat16 bits, each weight rounded once with its outlier added. Scratch:
+// planes_dequant_bf16_scratch_floats.
 using PlanesDequantBf16Fn = bool (*)(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin,
-                                     int64_t row_end, int64_t group_begin, int64_t group_end, float* scratch);
+                                     int64_t row_end, float* scratch);
 constexpr int64_t kPlaneDequantRows = 256;  // rows the dequantisers take group by group (1 KiB float32 runs)
 // Scratch of PlanesDequantBf16Fn for a layer with at most max_nnz outliers in kPlaneDequantRows rows from
 // any multiple of 32: a float32 tile of 16 columns, a group's outlier bounds and the sorted outliers.
@@ -176,7 +176,7 @@ int planes_matvec(const LayerView& layer, const float* xp, int64_t n_vectors, fl
 bool planes_dequant_t(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
                       float* scratch);
 bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
-                           int64_t group_begin, int64_t group_end, float* scratch);
+                           float* scratch);
 }  // namespace isa_avx2_evex
 
 extern const KernelTable kScalarKernels;

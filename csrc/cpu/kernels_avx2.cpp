@@ -114,8 +114,8 @@ bool planes_dequant_t(const LayerView& L, float* dst, int64_t ld, int64_t row_be
 }
 
 bool planes_dequant_t_bf16(const LayerView& L, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
-                           int64_t group_begin, int64_t group_end, float* scratch) {
-  return plane_path::dequant_t_bf16(L, dst, ld, row_begin, row_end, group_begin, group_end, scratch);
+                           float* scratch) {
+  return plane_path::dequant_t_bf16(L, dst, ld, row_begin, row_end, scratch);
 }
 #endif
 

@@ -453,7 +453,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
         const int64_t rows = std::min(tile_rows, end - row0);
         const bool tile_ok =
             bf16_gemm ? kernels.planes_dequant_t_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()),
-                                                      tile_rows, row0, row0 + rows, 0, G, scratch)
+                                                      tile_rows, row0, row0 + rows, scratch)
                       : kernels.planes_dequant_t(L, w_tile.data_ptr<float>(), tile_rows, row0, row0 + rows, scratch);
         if (!tile_ok) ok = false;
         y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(1, 0, rows)));

@@ -45,11 +45,12 @@ constexpr int64_t kGemmTileRows = 1024;
 constexpr int64_t kGemmTileMaxBytes = int64_t(24) << 20;
 // Rows per thread's tile dequantised from the plane layout, stored transposed ([n, rows]): a column's run
 // is one tile row, so tiles of 1024 rows wrote 4 KiB runs to 4096 pages (a 4096-column layer), past the
-// TLB, and were slower than the row streams' tiles (Zen 3). At most 128 rows and 2 MiB per thread (Zen 4,
-// one tile per thread: 128 rows took 0.9-1.0x the time of 256 on 4096-column layers, 0.83-0.85x on
-// 4096 x 11008; float32 64-128 rows alike, 256 slower; benchmarks/RESULTS.md).
+// TLB, and were slower than the row streams' tiles (Zen 3). At most 128 rows and 4 MiB per thread (Zen 4,
+// one tile per thread, batch 32: 128 rows took 0.9-1.0x the time of 256 on 4096-column layers, 0.83-0.85x
+// on 4096 x 11008; float32 on 4096 x 11008 at batch 512: 32 rows 1.29x the time of 128, 64 rows 1.08x;
+// benchmarks/RESULTS.md).
 constexpr int64_t kPlaneGemmTileRows = 128;
-constexpr int64_t kPlaneGemmTileBytes = int64_t(2) << 20;
+constexpr int64_t kPlaneGemmTileBytes = int64_t(4) << 20;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 

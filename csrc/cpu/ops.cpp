@@ -434,8 +434,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     // and multiplies x_perm by them with a GEMM of its own (single-threaded inside the parallel region):
     // float32 tiles, or bfloat16 ones for bfloat16 activations on CPUs that multiply bfloat16 natively
     // (a Zen 4's float32 GEMM took 2.7x the time). A tile then never leaves its core: with tiles shared by
-    // all threads' dequantisers and one multi-threaded GEMM, a Zen 4 took 1.1-1.4x the time (float32:
-    // 1.35-1.45x), and in some processes 2x (benchmarks/RESULTS.md).
+    // all threads' dequantisers and one multi-threaded GEMM, a Zen 4 took 1.0-1.3x the time at batch 32
+    // (1.7-2.0x in some processes), float32 1.3-1.45x; at batch 512 within +-12% (benchmarks/RESULTS.md).
     const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
     const int64_t tile_rows =

@@ -46,9 +46,9 @@ constexpr int64_t kGemmTileMaxBytes = int64_t(24) << 20;
 // Rows per thread's tile dequantised from the plane layout, stored transposed ([n, rows]): a column's run
 // is one tile row, so tiles of 1024 rows wrote 4 KiB runs to 4096 pages (a 4096-column layer), past the
 // TLB, and were slower than the row streams' tiles (Zen 3). At most 128 rows and 4 MiB per thread (Zen 4,
-// one tile per thread, batch 32: 128 rows took 0.9-1.0x the time of 256 on 4096-column layers, 0.83-0.85x
-// on 4096 x 11008; float32 on 4096 x 11008 at batch 512: 32 rows 1.29x the time of 128, 64 rows 1.08x;
-// benchmarks/RESULTS.md).
+// one tile per thread, bfloat16 at batch 32: 128 rows took 0.99-1.18x the time of 256 on 11008 x 4096,
+// 0.83-0.85x on 4096 x 11008; float32 on 4096 x 11008 at batch 512: 32 rows 1.29x the time of 128, 64
+// rows 1.08x; benchmarks/RESULTS.md).
 constexpr int64_t kPlaneGemmTileRows = 128;
 constexpr int64_t kPlaneGemmTileBytes = int64_t(4) << 20;
 
@@ -435,7 +435,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     // float32 tiles, or bfloat16 ones for bfloat16 activations on CPUs that multiply bfloat16 natively
     // (a Zen 4's float32 GEMM took 2.7x the time). A tile then never leaves its core: with tiles shared by
     // all threads' dequantisers and one multi-threaded GEMM, a Zen 4 took 1.0-1.3x the time at batch 32
-    // (1.7-2.0x in some processes), float32 1.3-1.45x; at batch 512 within +-12% (benchmarks/RESULTS.md).
+    // (1.7-2.0x in some processes), float32 1.3-1.45x; at batch 512 float32 0.95-1.13x (benchmarks/RESULTS.md).
     const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
     const int64_t tile_rows =

@@ -475,9 +475,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       return kernels.matvec(L, xp_ptr, batch, y_ptr, m, begin, end, scratch);
     });
   } else {
-    const bool use_bf16 = bf16_gemm;
-    const at::ScalarType gemm_dtype = use_bf16 ? at::kBFloat16 : at::kFloat;
-    const int64_t element = use_bf16 ? 2 : 4;
+    const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
+    const int64_t element = at::elementSize(gemm_dtype);
     const at::Tensor xp = permute_columns(x2, perm_u, n, n_padded, gemm_dtype);
     // Row tiles of W_perm are dequantised by all threads together, then multiplied by one
     // multi-threaded GEMM (a GEMM nested inside the parallel region would run single-threaded).
@@ -490,11 +489,11 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
         float* scratch = thread_scratch(scratch_floats(L, 0));
         const int64_t first = row0 + begin * kTileRows, last = std::min(row0 + end * kTileRows, row0 + rows);
         const bool tile_ok =
-            use_bf16 ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
-                                                   (first - row0) * n_padded,
-                                            n_padded, first, last, scratch)
-                     : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (first - row0) * n_padded, n_padded, first,
-                                           last, scratch);
+            bf16_gemm ? kernels.dequant_bf16(L, reinterpret_cast<uint16_t*>(w_tile.data_ptr<at::BFloat16>()) +
+                                                    (first - row0) * n_padded,
+                                             n_padded, first, last, scratch)
+                      : kernels.dequant_f32(L, w_tile.data_ptr<float>() + (first - row0) * n_padded, n_padded, first,
+                                            last, scratch);
         if (!tile_ok) ok = false;
       });
       y.narrow(1, row0, rows).copy_(at::mm(xp, w_tile.narrow(0, 0, rows).t()));

@@ -25,14 +25,15 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 # of a shared library are; the module's init function stays exported (PyMODINIT_FUNC).
 _CPU_FLAGS = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+# The avx512bf16 table's CPUs (cpu_features.cpp has_avx512bf16: Zen 4, Sapphire Rapids and later).
+_AVX512_BF16_FLAGS = [*_AVX512_FLAGS, "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-mavx512bitalg"]
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx2_evex.cpp": ["-mavx2", *_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512.cpp": [*_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
-    "csrc/cpu/kernels_avx512bf16.cpp": [
-        *_AVX512_FLAGS, "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-Wno-maybe-uninitialized",
-    ],
+    "csrc/cpu/kernels_avx512bf16.cpp": [*_AVX512_BF16_FLAGS, "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx512bf16_planes.cpp": [*_AVX512_BF16_FLAGS, "-mavx2", "-Wno-maybe-uninitialized"],
 }
 
 

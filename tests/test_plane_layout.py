@@ -2,10 +2,12 @@
 
 Oracle and tolerances as in test_cpu_kernels.py (float64 on the dequantised weight; bfloat16:
 2**-8 * (|ref| + 2 * mag) + 1e-5 * mag; float16: 2**-11 * |ref| + 1e-5 * mag; float32: 1e-5 * mag).
-The plane matvec represents bfloat16 activations per 16-column group in 12-bit levels (2^-12 of the
-group's largest |x|), float16 and float32 ones in two (2^-24), inside those bounds for the inputs drawn
-here (one level would not be for float32: 2^-12 > 1e-5); a wrong plane bit, statistic or row order
-shifts outputs by O(mag).
+The plane matvec's table lookups represent bfloat16 activations per 16-column group in 12-bit levels
+(2^-12 of the group's largest |x|), float16 and float32 ones in two (2^-24), inside those bounds for the
+inputs drawn here (one level would not be for float32: 2^-12 > 1e-5). Its dot-product kernel (the
+avx512bf16 path, larger batches) multiplies exact bfloat16 parts of x (one for bfloat16, two for float16,
+three for float32: 2^-27 of |x|) and sums in float32. A wrong plane bit, statistic or row order shifts
+outputs by O(mag).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ pytestmark = pytest.mark.skipif(
 
 PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
 PLANE_MAX_VECTORS_BF16_GEMM = 16  # kPlaneMaxVectorsBf16Gemm: the same for bfloat16 on CPUs with AVX512_BF16
+# plane_dot_min_vectors / plane_dot_max_vectors: the avx512bf16 path's dot-product kernel takes these
+# batches (fewer: the table lookups, more: the prefill path)
+PLANE_DOT_BATCHES = {torch.bfloat16: (3, 64), torch.float16: (3, 48), torch.float32: (5, 16)}
+
+
+def plane_batches(dtype: torch.dtype) -> list[int]:
+    """Batches on both sides of every path boundary, for any instruction-set path."""
+    lookup_max = PLANE_MAX_VECTORS_BF16_GEMM if dtype == torch.bfloat16 else PLANE_MAX_VECTORS
+    dot_min, dot_max = PLANE_DOT_BATCHES[dtype]
+    return sorted({1, 2, dot_min - 1, dot_min, lookup_max, lookup_max + 1, dot_max, dot_max + 1})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -94,7 +106,8 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 def test_plane_kernels_match_float64_reference(isa, bits):
     """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32;
     bfloat16 only 1-16 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
-    ones there) and a GEMM, CPUs without the plane kernels the row streams converted back: heights that
+    ones there) and a GEMM; on the avx512bf16 path the dot-product kernel takes batches of 3-64 (float16
+    3-48, float32 5-16); CPUs without the plane kernels the row streams converted back: heights that
     end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
     (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many
     outliers, bias."""
@@ -106,12 +119,8 @@ def test_plane_kernels_match_float64_reference(isa, bits):
                                stat_bits=stat_bits, outlier_fraction=0.03)
         planes = cpu_layout.packed_to_planes(packed)
         bias = torch.randn(m, generator=gen)
-        for batch in (1, 2, 5, PLANE_MAX_VECTORS_BF16_GEMM, PLANE_MAX_VECTORS_BF16_GEMM + 1, PLANE_MAX_VECTORS,
-                      PLANE_MAX_VECTORS + 1, 40):
-            x = torch.randn(batch, n, generator=gen).to(torch.bfloat16)
-            assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
-        for dtype in (torch.float32, torch.float16):
-            for batch in (1, 3, PLANE_MAX_VECTORS, PLANE_MAX_VECTORS + 1):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            for batch in plane_batches(dtype):
                 x = torch.randn(batch, n, generator=gen).to(dtype)
                 assert_close_to_reference(run_op(x, planes, bias), x, packed, bias)
 
@@ -120,23 +129,27 @@ def test_plane_kernels_match_float64_reference(isa, bits):
 def test_plane_matvec_activation_range_and_non_finite(dtype):
     """A group with one large value, a group of zeros, a group too small for its reciprocal (the call
     then runs on the row streams, whose float loop keeps it; float16 has no such values), and NaN / inf
-    staying non-finite."""
+    staying non-finite; one vector and a batch for the dot-product kernel (its other vectors ordinary)."""
     gen = torch.Generator().manual_seed(60)
     packed = random_packed(gen, 48, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
     planes = cpu_layout.packed_to_planes(packed)
     perm = packed.perm.long() & 0xFFFF
-    x = torch.randn(2, 256, generator=gen)
-    x[0, perm[0::16]] *= 100.0
-    x[:, perm[32:48]] = 0.0
-    xd = x.to(dtype)
-    assert_close_to_reference(run_op(xd, planes), xd, packed, None)
-    if dtype != torch.float16:
-        tiny = (torch.randn(1, 256, generator=gen) * 1e-33).to(dtype)
-        assert_close_to_reference(run_op(tiny, planes), tiny, packed, None)
-    for bad in (float("nan"), float("inf")):
-        xn = torch.randn(1, 256, generator=gen).to(dtype)
-        xn[0, 7] = bad
-        assert not torch.isfinite(run_op(xn, planes)).all()
+    batch = PLANE_DOT_BATCHES[dtype][0] + 1
+    for rows in (2, batch):
+        x = torch.randn(rows, 256, generator=gen)
+        x[0, perm[0::16]] *= 100.0
+        x[:, perm[32:48]] = 0.0
+        xd = x.to(dtype)
+        assert_close_to_reference(run_op(xd, planes), xd, packed, None)
+    for rows in (1, batch):
+        if dtype != torch.float16:
+            tiny = torch.randn(rows, 256, generator=gen).to(dtype)
+            tiny[0] = tiny[0] * 1e-33
+            assert_close_to_reference(run_op(tiny, planes), tiny, packed, None)
+        for bad in (float("nan"), float("inf")):
+            xn = torch.randn(rows, 256, generator=gen).to(dtype)
+            xn[0, 7] = bad
+            assert not torch.isfinite(run_op(xn, planes)[0]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -161,7 +174,7 @@ def test_plane_kernels_bad_outlier_column_raises():
     col = packed.outlier_col.clone()
     col[len(col) // 2] = 64
     bad = cpu_layout.packed_to_planes(dataclasses.replace(packed, outlier_col=col))
-    for batch in (1, PLANE_MAX_VECTORS + 1):
+    for batch in (1, 6, PLANE_MAX_VECTORS + 1, PLANE_DOT_BATCHES[torch.bfloat16][1] + 1):
         with pytest.raises(RuntimeError, match="outlier_col"):
             run_op(torch.randn(batch, 64).to(torch.bfloat16), bad)
 
@@ -272,7 +285,7 @@ def test_plane_kernels_do_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
         for batch, dtype in [(1, torch.bfloat16), (5, torch.bfloat16), (PLANE_MAX_VECTORS_BF16_GEMM, torch.bfloat16),
-                             (1, torch.float32), (7, torch.float16)]:
+                             (40, torch.bfloat16), (1, torch.float32), (7, torch.float16), (9, torch.float32)]:
             x = torch.randn(batch, 256, generator=gen).to(dtype)
             outs = []
             for count in (1, 2, 3):

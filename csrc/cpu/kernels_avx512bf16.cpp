@@ -938,8 +938,9 @@ __attribute__((target("amx-tile,amx-bf16"))) bool gemm_amx(const LayerView& L, c
 
 const KernelTable kAvx512Bf16Kernels = {"avx512bf16", &isa_avx512bf16::bf16::matvec,
                                         &isa_avx512bf16::bf16::dequant_f32, &isa_avx512bf16::bf16::dequant_bf16,
-                                        nullptr, nullptr, &isa_avx2_evex::planes_matvec, &isa_avx2_evex::planes_dequant_t,
-                                        &isa_avx2_evex::planes_dequant_t_bf16};
+                                        nullptr, nullptr, &isa_avx512bf16_planes::planes_matvec,
+                                        &isa_avx512bf16_planes::planes_dequant_t,
+                                        &isa_avx512bf16_planes::planes_dequant_t_bf16, true};
 #if defined(SPQR_HF_AMX_KERNELS)
 const KernelTable kAmxKernels = {"amx", &isa_avx512bf16::bf16::matvec, &isa_avx512bf16::bf16::dequant_f32,
                                  &isa_avx512bf16::bf16::dequant_bf16, &isa_avx512bf16::bf16::gemm_amx};

@@ -302,8 +302,11 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   // Prefill GEMMs run in bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively.
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16();
   const bool plane_kernels = planes && has_plane_kernels(kernels);
-  const bool plane_matvec =
-      plane_kernels && batch >= 1 && batch <= (bf16_gemm ? kPlaneMaxVectorsBf16Gemm : kPlaneMaxVectors);
+  const int x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
+  const int64_t plane_max_vectors = kernels.planes_dot ? plane_dot_max_vectors(x_bits)
+                                    : bf16_gemm        ? kPlaneMaxVectorsBf16Gemm
+                                                       : kPlaneMaxVectors;
+  const bool plane_matvec = plane_kernels && batch >= 1 && batch <= plane_max_vectors;
   const bool plane_gemm = plane_kernels && !plane_matvec && batch >= 1;
   if (planes && !plane_matvec && !plane_gemm) return on_rows();
 
@@ -371,7 +374,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.n_groups = G;
   L.n_chunks = R;
   L.lane_group = planes ? nullptr : lane_group.data();
-  L.x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
+  L.x_bits = x_bits;
 
   const at::Tensor x2 = x.reshape({-1, n}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

@@ -205,8 +205,9 @@ bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, in
 // (LayerView::x_bits): from 3 vectors (5 for float32, three bfloat16 parts each) up to 64 for bfloat16,
 // 48 for float16 and 16 for float32; fewer take the table lookups, more the prefill path. Where they
 // were about as fast or the next one faster on a Zen 4 (4096 x 4096; benchmarks/RESULTS.md).
+constexpr int64_t kPlaneDotMaxVectors = 64;  // the largest batch it takes (bfloat16's limit)
 inline int64_t plane_dot_min_vectors(int x_bits) { return x_bits > 11 ? 5 : 3; }
-inline int64_t plane_dot_max_vectors(int x_bits) { return x_bits <= 8 ? 64 : x_bits <= 11 ? 48 : 16; }
+inline int64_t plane_dot_max_vectors(int x_bits) { return x_bits <= 8 ? kPlaneDotMaxVectors : x_bits <= 11 ? 48 : 16; }
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;

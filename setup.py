@@ -34,6 +34,9 @@ _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx512.cpp": [*_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512bf16.cpp": [*_AVX512_BF16_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512bf16_planes.cpp": [*_AVX512_BF16_FLAGS, "-mavx2", "-Wno-maybe-uninitialized"],
+    "csrc/cpu/kernels_avx512vnni_planes.cpp": [
+        "-mavx2", *_AVX512_FLAGS, "-mavx512vnni", "-mavx512bitalg", "-Wno-maybe-uninitialized",
+    ],
 }
 
 

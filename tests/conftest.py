@@ -7,7 +7,7 @@ import torch
 
 from spqr_hf.ops import _extension
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]  # the CPU kernels' instruction-set paths
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512vnni", "avx512bf16", "amx"]  # the CPU kernels' instruction-set paths
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ Oracle and tolerances as in test_cpu_kernels.py (float64 on the dequantised weig
 The plane matvec's table lookups represent bfloat16 activations per 16-column group in 12-bit levels
 (2^-12 of the group's largest |x|), float16 and float32 ones in two (2^-24), inside those bounds for the
 inputs drawn here (one level would not be for float32: 2^-12 > 1e-5). Its dot-product kernel (the
-avx512bf16 path, larger batches) multiplies exact bfloat16 parts of x (one for bfloat16, two for float16,
-three for float32: 2^-27 of |x|) and sums in float32. A wrong plane bit, statistic or row order shifts
-outputs by O(mag).
+avx512bf16 and avx512vnni paths, batches of 3-64) multiplies bfloat16 activations as they are (avx512bf16,
+float32 sums) or int16 levels of them (2^-16 of the group's largest |x|; float16 and float32 in two
+levels, 2^-31; int32 sums). A wrong plane bit, statistic or row order shifts outputs by O(mag).
 """
 
 from __future__ import annotations
@@ -31,16 +31,15 @@ pytestmark = pytest.mark.skipif(
 
 PLANE_MAX_VECTORS = 24  # csrc/cpu/kernels.h kPlaneMaxVectors: larger batches dequantise tiles for a GEMM
 PLANE_MAX_VECTORS_BF16_GEMM = 16  # kPlaneMaxVectorsBf16Gemm: the same for bfloat16 on CPUs with AVX512_BF16
-# plane_dot_min_vectors / plane_dot_max_vectors: the avx512bf16 path's dot-product kernel takes these
-# batches (fewer: the table lookups, more: the prefill path)
-PLANE_DOT_BATCHES = {torch.bfloat16: (3, 64), torch.float16: (3, 48), torch.float32: (5, 16)}
+# kPlaneDotMinVectors / kPlaneDotMaxVectors: the avx512vnni and avx512bf16 paths' dot-product kernel takes
+# these batches (fewer: the table lookups, more: the prefill path)
+PLANE_DOT_MIN, PLANE_DOT_MAX = 3, 64
 
 
 def plane_batches(dtype: torch.dtype) -> list[int]:
     """Batches on both sides of every path boundary, for any instruction-set path."""
     lookup_max = PLANE_MAX_VECTORS_BF16_GEMM if dtype == torch.bfloat16 else PLANE_MAX_VECTORS
-    dot_min, dot_max = PLANE_DOT_BATCHES[dtype]
-    return sorted({1, 2, dot_min - 1, dot_min, lookup_max, lookup_max + 1, dot_max, dot_max + 1})
+    return sorted({1, PLANE_DOT_MIN - 1, PLANE_DOT_MIN, lookup_max, lookup_max + 1, PLANE_DOT_MAX, PLANE_DOT_MAX + 1})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -106,8 +105,8 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
 def test_plane_kernels_match_float64_reference(isa, bits):
     """Batches 1-24 take the table-lookup matvec (one level for bfloat16, two for float16 and float32;
     bfloat16 only 1-16 where the CPU multiplies it natively), larger ones the transposed tiles (bfloat16
-    ones there) and a GEMM; on the avx512bf16 path the dot-product kernel takes batches of 3-64 (float16
-    3-48, float32 5-16); CPUs without the plane kernels the row streams converted back: heights that
+    ones there) and a GEMM; on the avx512vnni and avx512bf16 paths the dot-product kernel takes batches
+    of 3-64; CPUs without the plane kernels the row streams converted back: heights that
     end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
     (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many
     outliers, bias."""
@@ -134,7 +133,7 @@ def test_plane_matvec_activation_range_and_non_finite(dtype):
     packed = random_packed(gen, 48, 256, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.01)
     planes = cpu_layout.packed_to_planes(packed)
     perm = packed.perm.long() & 0xFFFF
-    batch = PLANE_DOT_BATCHES[dtype][0] + 1
+    batch = PLANE_DOT_MIN + 1
     for rows in (2, batch):
         x = torch.randn(rows, 256, generator=gen)
         x[0, perm[0::16]] *= 100.0
@@ -174,7 +173,7 @@ def test_plane_kernels_bad_outlier_column_raises():
     col = packed.outlier_col.clone()
     col[len(col) // 2] = 64
     bad = cpu_layout.packed_to_planes(dataclasses.replace(packed, outlier_col=col))
-    for batch in (1, 6, PLANE_MAX_VECTORS + 1, PLANE_DOT_BATCHES[torch.bfloat16][1] + 1):
+    for batch in (1, 6, PLANE_MAX_VECTORS + 1, PLANE_DOT_MAX + 1):
         with pytest.raises(RuntimeError, match="outlier_col"):
             run_op(torch.randn(batch, 64).to(torch.bfloat16), bad)
 

@@ -29,6 +29,9 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+bool has_avx512vnni() {
+  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg");
+}
 bool has_avx512bf16() {
   return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
          __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg");
@@ -63,6 +66,7 @@ const std::vector<Candidate>& candidates() {  // best first
 #if defined(SPQR_HF_X86_KERNELS)
       {"amx", &kAmxKernels, &has_amx},
       {"avx512bf16", &kAvx512Bf16Kernels, &has_avx512bf16},
+      {"avx512vnni", &kAvx512VnniKernels, &has_avx512vnni},
       {"avx512", &kAvx512Kernels, &has_avx512},
       {"avx2", &kAvx2Kernels, &has_avx2},
 #endif
@@ -100,7 +104,7 @@ const KernelTable* select_kernels(std::string* error) {
       return nullptr;
     }
   }
-  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512, avx512bf16, amx (or its kernels were not built for this platform)";
+  *error = std::string(kIsaEnvVar) + "=" + requested + " is not one of auto, scalar, avx2, avx512, avx512vnni, avx512bf16, amx (or its kernels were not built for this platform)";
   return nullptr;
 }
 

@@ -143,18 +143,18 @@ inline int64_t planes_dequant_bf16_scratch_floats(const LayerView& layer, int64_
   return 64 + 16 * kPlaneDequantRows + layer.n_groups + 2 * max_nnz + 16;
 }
 
-// The bfloat16 dot-product kernel of the avx512bf16 table (plane_dot.inc) splits each activation into
-// up to this many bfloat16 parts.
-constexpr int kPlaneDotMaxParts = 3;
+// The dot-product kernel of the avx512bf16 and avx512vnni tables (plane_dot.inc) holds each activation
+// in up to this many 16-bit parts (int16 levels).
+constexpr int kPlaneDotMaxParts = 2;
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
   // Table lookups, per vector: tables (128 bytes per group and level), units and group sums; second-level
   // parameters of 2 chunks of both streams; 64 statistic lanes; alignment.
   const int64_t lookups = n_vectors * (32 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
-  // Dot products, per vector: a block's 32 accumulators, group sums, bfloat16 pairs of the parts; the
+  // Dot products, per vector: a block's 32 accumulators, group sums and units, pairs of the parts; the
   // vectors transposed (16 at a time); the same parameters and lanes; alignment.
-  const int64_t dots = n_vectors * (32 + G + 8 * G * kPlaneDotMaxParts) + layer.n * ((n_vectors + 15) / 16 * 16) +
+  const int64_t dots = n_vectors * (32 + 2 * G + 8 * G * kPlaneDotMaxParts) + layer.n * ((n_vectors + 15) / 16 * 16) +
                        8 * G8 + 64 + 16;
   return lookups > dots ? lookups : dots;
 }
@@ -169,9 +169,9 @@ struct KernelTable {
   PlanesMatvecFn planes_matvec;  // matvec on the plane layout, or nullptr (ops.cpp converts it back)
   PlanesDequantFn planes_dequant_t;  // its prefill dequantiser, or nullptr
   PlanesDequantBf16Fn planes_dequant_t_bf16;  // the same to bfloat16 (for a bfloat16 GEMM), or nullptr
-  // Whether planes_matvec has plane_dot.inc's kernel: batches up to plane_dot_max_vectors take it (else
-  // up to kPlaneMaxVectors, kPlaneMaxVectorsBf16Gemm where the GEMM runs in bfloat16).
-  bool planes_dot;
+  // The largest batch planes_matvec takes, or 0: kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the
+  // GEMM would run in bfloat16).
+  int64_t planes_max_vectors;
 };
 
 // Whether a table runs the plane layout itself (else ops.cpp converts it back to row streams per call).
@@ -191,27 +191,30 @@ bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, in
                            float* scratch);
 }  // namespace isa_avx2_evex
 
-// The same built once more for the avx512bf16 table (kernels_avx512bf16_planes.cpp), with its flags and
-// BITALG: its plane matvec takes larger batches to plane_dot.inc's kernel.
-namespace isa_avx512bf16_planes {
-int planes_matvec(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
-                  const PlaneBlocks& blocks, int64_t share, float* scratch);
-bool planes_dequant_t(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end,
-                      float* scratch);
-bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin, int64_t row_end,
-                           float* scratch);
-}  // namespace isa_avx512bf16_planes
-// The batches that its plane matvec gives to the dot-product kernel, by the activations' mantissa bits
-// (LayerView::x_bits): from 3 vectors (5 for float32, three bfloat16 parts each) up to 64 for bfloat16,
-// 48 for float16 and 16 for float32; fewer take the table lookups, more the prefill path. Where they
-// were about as fast or the next one faster on a Zen 4 (4096 x 4096; benchmarks/RESULTS.md).
-constexpr int64_t kPlaneDotMaxVectors = 64;  // the largest batch it takes (bfloat16's limit)
-inline int64_t plane_dot_min_vectors(int x_bits) { return x_bits > 11 ? 5 : 3; }
-inline int64_t plane_dot_max_vectors(int x_bits) { return x_bits <= 8 ? kPlaneDotMaxVectors : x_bits <= 11 ? 48 : 16; }
+// The same built again for the avx512bf16 and avx512vnni tables (kernels_avx512bf16_planes.cpp,
+// kernels_avx512vnni_planes.cpp), with their flags and BITALG: their plane matvec gives batches of
+// kPlaneDotMinVectors to kPlaneDotMaxVectors to plane_dot.inc's kernel (fewer: the table lookups, more:
+// the prefill path; on a Zen 4 the kernel was as fast as the lookups or faster from 3 vectors on, and as
+// fast as the prefill or faster up to 64, for every activation dtype; benchmarks/RESULTS.md).
+#define SPQR_HF_PLANE_DOT_DECLS(ns)                                                                          \
+  namespace ns {                                                                                             \
+  int planes_matvec(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride, \
+                    const PlaneBlocks& blocks, int64_t share, float* scratch);                               \
+  bool planes_dequant_t(const LayerView& layer, float* dst, int64_t ld, int64_t row_begin, int64_t row_end, \
+                        float* scratch);                                                                      \
+  bool planes_dequant_t_bf16(const LayerView& layer, uint16_t* dst, int64_t ld, int64_t row_begin,          \
+                             int64_t row_end, float* scratch);                                                \
+  }
+SPQR_HF_PLANE_DOT_DECLS(isa_avx512bf16_planes)
+SPQR_HF_PLANE_DOT_DECLS(isa_avx512vnni_planes)
+#undef SPQR_HF_PLANE_DOT_DECLS
+constexpr int64_t kPlaneDotMinVectors = 3;
+constexpr int64_t kPlaneDotMaxVectors = 64;
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512VnniKernels;
 extern const KernelTable kAvx512Bf16Kernels;
 extern const KernelTable kAmxKernels;
 

@@ -23,5 +23,14 @@ const KernelTable kAvx512Kernels = {"avx512", &isa_avx512::detail::matvec, &isa_
                                     &isa_avx2_evex::planes_matvec, &isa_avx2_evex::planes_dequant_t,
                                     &isa_avx2_evex::planes_dequant_t_bf16};
 
+// The same row-stream kernels; the plane kernels of kernels_avx512vnni_planes.cpp (the dot-product kernel
+// with int16 levels for batches) on CPUs with AVX512-VNNI and BITALG (Ice Lake and later).
+const KernelTable kAvx512VnniKernels = {"avx512vnni", &isa_avx512::detail::matvec, &isa_avx512::detail::dequant_f32,
+                                        &isa_avx512::detail::dequant_bf16, nullptr, nullptr,
+                                        &isa_avx512vnni_planes::planes_matvec,
+                                        &isa_avx512vnni_planes::planes_dequant_t,
+                                        &isa_avx512vnni_planes::planes_dequant_t_bf16,
+                                        kPlaneDotMaxVectors};
+
 }  // namespace cpu
 }  // namespace spqr_hf

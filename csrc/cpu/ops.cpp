@@ -11,9 +11,10 @@
 //     multiplied by torch's GEMM.
 // Both accumulate in float32; the output has the activation dtype. qweight may also hold the codes in
 // the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form where the kernels have it): batches
-// up to kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16) take the plane
-// matvec, larger batches transposed tiles dequantised from the planes (float32 or bfloat16, as above) and
-// torch's GEMM; on kernels without the plane layout they run on row streams converted back.
+// up to kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16; the table's
+// planes_max_vectors where it has the dot-product kernel) take the plane matvec, larger batches
+// transposed tiles dequantised from the planes (float32 or bfloat16, as above) and torch's GEMM; on
+// kernels without the plane layout they run on row streams converted back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -302,10 +303,9 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   // Prefill GEMMs run in bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively.
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16();
   const bool plane_kernels = planes && has_plane_kernels(kernels);
-  const int x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
-  const int64_t plane_max_vectors = kernels.planes_dot ? plane_dot_max_vectors(x_bits)
-                                    : bf16_gemm        ? kPlaneMaxVectorsBf16Gemm
-                                                       : kPlaneMaxVectors;
+  const int64_t plane_max_vectors = kernels.planes_max_vectors > 0 ? kernels.planes_max_vectors
+                                    : bf16_gemm                    ? kPlaneMaxVectorsBf16Gemm
+                                                                   : kPlaneMaxVectors;
   const bool plane_matvec = plane_kernels && batch >= 1 && batch <= plane_max_vectors;
   const bool plane_gemm = plane_kernels && !plane_matvec && batch >= 1;
   if (planes && !plane_matvec && !plane_gemm) return on_rows();
@@ -374,7 +374,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.n_groups = G;
   L.n_chunks = R;
   L.lane_group = planes ? nullptr : lane_group.data();
-  L.x_bits = x_bits;
+  L.x_bits = x.scalar_type() == at::kBFloat16 ? 8 : x.scalar_type() == at::kHalf ? 11 : 24;
 
   const at::Tensor x2 = x.reshape({-1, n}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

@@ -111,7 +111,7 @@ struct PlaneBlocks {
 };
 // y[v, i] (fp32, row stride y_stride) for the rows of the blocks it claims from `blocks` as `share`, and
 // 1 <= n_vectors <= kPlaneMaxVectors vectors xp (float32, as for MatvecFn) from the codes in layer.planes.
-// Scratch: planes_scratch_floats(layer, n_vectors).
+// Scratch: planes_scratch_floats(layer, n_vectors, table.planes_dot).
 enum PlanesStatus : int { kPlanesOk = 0, kPlanesBadOutlier = 1, kPlanesUnrepresentable = 2 };
 using PlanesMatvecFn = int (*)(const LayerView& layer, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                                const PlaneBlocks& blocks, int64_t share, float* scratch);
@@ -147,17 +147,9 @@ inline int64_t planes_dequant_bf16_scratch_floats(const LayerView& layer, int64_
 // in up to this many 16-bit parts (int16 levels).
 constexpr int kPlaneDotMaxParts = 2;
 
-inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors) {
-  const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
-  // Table lookups, per vector: tables (128 bytes per group and level), units and group sums; second-level
-  // parameters of 2 chunks of both streams; 64 statistic lanes; alignment.
-  const int64_t lookups = n_vectors * (32 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
-  // Dot products, per vector: a block's 32 accumulators, group sums and units, pairs of the parts; the
-  // vectors transposed (16 at a time); the same parameters and lanes; alignment.
-  const int64_t dots = n_vectors * (32 + 2 * G + 8 * G * kPlaneDotMaxParts) + layer.n * ((n_vectors + 15) / 16 * 16) +
-                       8 * G8 + 64 + 16;
-  return lookups > dots ? lookups : dots;
-}
+// Scratch of a plane matvec of n_vectors vectors: the table lookups' or, where the table has the
+// dot-product kernel (`dots`) and the batch is its, that kernel's.
+inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots);
 
 struct KernelTable {
   const char* name;
@@ -169,9 +161,10 @@ struct KernelTable {
   PlanesMatvecFn planes_matvec;  // matvec on the plane layout, or nullptr (ops.cpp converts it back)
   PlanesDequantFn planes_dequant_t;  // its prefill dequantiser, or nullptr
   PlanesDequantBf16Fn planes_dequant_t_bf16;  // the same to bfloat16 (for a bfloat16 GEMM), or nullptr
-  // The largest batch planes_matvec takes, or 0: kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the
-  // GEMM would run in bfloat16).
-  int64_t planes_max_vectors;
+  // Whether planes_matvec has plane_dot.inc's kernel (batches kPlaneDotMinVectors to kPlaneDotMaxVectors
+  // run it; it takes up to kPlaneDotMaxVectors) or only the table lookups (up to kPlaneMaxVectors,
+  // kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16).
+  bool planes_dot;
 };
 
 // Whether a table runs the plane layout itself (else ops.cpp converts it back to row streams per call).
@@ -210,6 +203,18 @@ SPQR_HF_PLANE_DOT_DECLS(isa_avx512vnni_planes)
 #undef SPQR_HF_PLANE_DOT_DECLS
 constexpr int64_t kPlaneDotMinVectors = 3;
 constexpr int64_t kPlaneDotMaxVectors = 64;
+
+inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots) {
+  const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
+  if (dots && n_vectors >= kPlaneDotMinVectors && n_vectors <= kPlaneDotMaxVectors)
+    // Per vector: a block's 32 accumulators, group sums and units, pairs of the parts; the vectors
+    // transposed (16 at a time); second-level parameters of 2 chunks of both streams; 64 statistic
+    // lanes; alignment.
+    return n_vectors * (32 + 2 * G + 8 * G * kPlaneDotMaxParts) + layer.n * ((n_vectors + 15) / 16 * 16) + 8 * G8 +
+           64 + 16;
+  // Table lookups, per vector: tables (128 bytes per group and level), units and group sums; the same rest.
+  return n_vectors * (32 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
+}
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;

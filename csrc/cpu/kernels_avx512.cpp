@@ -29,8 +29,7 @@ const KernelTable kAvx512VnniKernels = {"avx512vnni", &isa_avx512::detail::matve
                                         &isa_avx512::detail::dequant_bf16, nullptr, nullptr,
                                         &isa_avx512vnni_planes::planes_matvec,
                                         &isa_avx512vnni_planes::planes_dequant_t,
-                                        &isa_avx512vnni_planes::planes_dequant_t_bf16,
-                                        kPlaneDotMaxVectors};
+                                        &isa_avx512vnni_planes::planes_dequant_t_bf16, true};
 
 }  // namespace cpu
 }  // namespace spqr_hf

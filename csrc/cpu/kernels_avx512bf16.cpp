@@ -940,8 +940,7 @@ const KernelTable kAvx512Bf16Kernels = {"avx512bf16", &isa_avx512bf16::bf16::mat
                                         &isa_avx512bf16::bf16::dequant_f32, &isa_avx512bf16::bf16::dequant_bf16,
                                         nullptr, nullptr, &isa_avx512bf16_planes::planes_matvec,
                                         &isa_avx512bf16_planes::planes_dequant_t,
-                                        &isa_avx512bf16_planes::planes_dequant_t_bf16,
-                                        kPlaneDotMaxVectors};
+                                        &isa_avx512bf16_planes::planes_dequant_t_bf16, true};
 #if defined(SPQR_HF_AMX_KERNELS)
 const KernelTable kAmxKernels = {"amx", &isa_avx512bf16::bf16::matvec, &isa_avx512bf16::bf16::dequant_f32,
                                  &isa_avx512bf16::bf16::dequant_bf16, &isa_avx512bf16::bf16::gemm_amx};

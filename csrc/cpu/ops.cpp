@@ -11,8 +11,8 @@
 //     multiplied by torch's GEMM.
 // Both accumulate in float32; the output has the activation dtype. qweight may also hold the codes in
 // the CPU plane layout (spqr_hf/planes.h, uint8; SpQRLinear's form where the kernels have it): batches
-// up to kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16; the table's
-// planes_max_vectors where it has the dot-product kernel) take the plane matvec, larger batches
+// up to kPlaneMaxVectors (kPlaneMaxVectorsBf16Gemm where the GEMM would run in bfloat16;
+// kPlaneDotMaxVectors where the table has the dot-product kernel) take the plane matvec, larger batches
 // transposed tiles dequantised from the planes (float32 or bfloat16, as above) and torch's GEMM; on
 // kernels without the plane layout they run on row streams converted back.
 #include <ATen/ATen.h>
@@ -303,9 +303,9 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   // Prefill GEMMs run in bfloat16 for bfloat16 activations on CPUs that multiply bfloat16 natively.
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16();
   const bool plane_kernels = planes && has_plane_kernels(kernels);
-  const int64_t plane_max_vectors = kernels.planes_max_vectors > 0 ? kernels.planes_max_vectors
-                                    : bf16_gemm                    ? kPlaneMaxVectorsBf16Gemm
-                                                                   : kPlaneMaxVectors;
+  const int64_t plane_max_vectors = kernels.planes_dot ? kPlaneDotMaxVectors
+                                    : bf16_gemm        ? kPlaneMaxVectorsBf16Gemm
+                                                       : kPlaneMaxVectors;
   const bool plane_matvec = plane_kernels && batch >= 1 && batch <= plane_max_vectors;
   const bool plane_gemm = plane_kernels && !plane_matvec && batch >= 1;
   if (planes && !plane_matvec && !plane_gemm) return on_rows();
@@ -423,7 +423,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
           const Finish& f = *static_cast<Finish*>(ctx);
           finish_rows(f.y, f.batch, f.m, row_begin, row_end, f.bias, *f.out);
         }};
-    const int64_t floats = planes_scratch_floats(L, batch);
+    const int64_t floats = planes_scratch_floats(L, batch, kernels.planes_dot);
     at::parallel_for(0, shares.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t share = begin; share < end; ++share) {
         const int status = kernels.planes_matvec(L, xp_ptr, batch, y_ptr, m, blocks, share, thread_scratch(floats));

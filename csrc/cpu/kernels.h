@@ -203,10 +203,15 @@ SPQR_HF_PLANE_DOT_DECLS(isa_avx512vnni_planes)
 #undef SPQR_HF_PLANE_DOT_DECLS
 constexpr int64_t kPlaneDotMinVectors = 3;
 constexpr int64_t kPlaneDotMaxVectors = 64;
+// Whether such a plane matvec gives n_vectors to the dot-product kernel: its dispatch and the scratch
+// size below both ask this (a dispatch alone widened overran the lookups' scratch in an experiment).
+inline bool plane_dot_takes(int64_t n_vectors) {
+  return n_vectors >= kPlaneDotMinVectors && n_vectors <= kPlaneDotMaxVectors;
+}
 
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots) {
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
-  if (dots && n_vectors >= kPlaneDotMinVectors && n_vectors <= kPlaneDotMaxVectors)
+  if (dots && plane_dot_takes(n_vectors))
     // Per vector: a block's 32 accumulators, group sums and units, pairs of the parts; the vectors
     // transposed (16 at a time); second-level parameters of 2 chunks of both streams; 64 statistic
     // lanes; alignment.

@@ -107,8 +107,7 @@ int64_t matvec_max_batch(const LayerView& L) {
 int planes_matvec(const LayerView& L, const float* xp, int64_t n_vectors, float* y, int64_t y_stride,
                   const PlaneBlocks& blocks, int64_t share, float* scratch) {
 #if defined(SPQR_HF_PLANE_DOT)
-  if (n_vectors >= kPlaneDotMinVectors && n_vectors <= kPlaneDotMaxVectors)
-    return plane_dot::matvec(L, xp, n_vectors, y, y_stride, blocks, share, scratch);
+  if (plane_dot_takes(n_vectors)) return plane_dot::matvec(L, xp, n_vectors, y, y_stride, blocks, share, scratch);
 #endif
   return plane_path::matvec(L, xp, n_vectors, y, y_stride, blocks, share, scratch);
 }

@@ -108,7 +108,8 @@ def test_plane_kernels_match_float64_reference(isa, bits):
     ones there) and a GEMM; on the avx512vnni and avx512bf16 paths the dot-product kernel takes batches
     of 3-64; CPUs without the plane kernels the row streams converted back: heights that
     end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
-    (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline), rows with 0 to many
+    (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline; 64 rows of 2 or 3 bits
+    fill their streams' rows, so the last block reads its words from earlier bytes), rows with 0 to many
     outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
     cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),

@@ -73,13 +73,19 @@ float* thread_scratch(int64_t floats) {
   return buffer.data();
 }
 
-// The calling thread's float32 result of a matvec / gemm call before finish_rows converts it (the
-// worker threads write their rows of it). Kept between calls, like thread_scratch.
-float* result_scratch(int64_t floats) {
+// A float buffer of the calling thread, at least `floats` long, kept between calls like thread_scratch;
+// each Use is its own buffer.
+enum class Use { kResult, kActivations };
+template <Use U>
+float* kept_floats(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
   return buffer.data();
 }
+
+// The calling thread's float32 result of a matvec / gemm call before finish_rows converts it (the
+// worker threads write their rows of it).
+float* result_scratch(int64_t floats) { return kept_floats<Use::kResult>(floats); }
 
 // out[v, r] = y[v * m + r] + bias[r] (bias may be null) for rows [row_begin, row_end) of every vector,
 // in out's dtype (the same rounding as a float32 tensor's .to()). y may be out's own float32 data.
@@ -160,14 +166,9 @@ const KernelTable& kernels_or_throw() {
   return *table;
 }
 
-// The calling thread's float32 activations of a plane matvec, permuted (permute_columns_into), kept
-// between calls like result_scratch: a tensor per call took 2-4% of a small layer's warm call (192 x 576
-// to 256 x 2048; 0.4% of 2048 x 2048).
-float* activation_scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
-  return buffer.data();
-}
+// The calling thread's float32 activations of a plane matvec, permuted (permute_columns_into): a tensor
+// per call took 2-4% of a small layer's warm call (192 x 576 to 256 x 2048; 0.4% of 2048 x 2048).
+float* activation_scratch(int64_t floats) { return kept_floats<Use::kActivations>(floats); }
 
 // x[:, perm] as rows of length n_padded (zero past n) into out, in `dtype` (float32, or x's own dtype),
 // rows split across threads for prefill batches (index_select along the columns took 14 ms for a

@@ -25,8 +25,10 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 # of a shared library are; the module's init function stays exported (PyMODINIT_FUNC).
 _CPU_FLAGS = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-# The avx512bf16 table's CPUs (cpu_features.cpp has_avx512bf16: Zen 4, Sapphire Rapids and later).
-_AVX512_BF16_FLAGS = [*_AVX512_FLAGS, "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-mavx512bitalg"]
+# The avx512vnni and avx512bf16 tables' CPUs (cpu_features.cpp has_avx512vnni: Ice Lake and later;
+# has_avx512bf16: Zen 4, Sapphire Rapids and later).
+_AVX512_VNNI_FLAGS = [*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bitalg"]
+_AVX512_BF16_FLAGS = [*_AVX512_VNNI_FLAGS, "-mavx512bf16", "-mavx512vbmi"]
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],
@@ -34,9 +36,7 @@ _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx512.cpp": [*_AVX512_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512bf16.cpp": [*_AVX512_BF16_FLAGS, "-Wno-maybe-uninitialized"],
     "csrc/cpu/kernels_avx512bf16_planes.cpp": [*_AVX512_BF16_FLAGS, "-mavx2", "-Wno-maybe-uninitialized"],
-    "csrc/cpu/kernels_avx512vnni_planes.cpp": [
-        "-mavx2", *_AVX512_FLAGS, "-mavx512vnni", "-mavx512bitalg", "-Wno-maybe-uninitialized",
-    ],
+    "csrc/cpu/kernels_avx512vnni_planes.cpp": [*_AVX512_VNNI_FLAGS, "-mavx2", "-Wno-maybe-uninitialized"],
 }
 
 

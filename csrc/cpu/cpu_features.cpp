@@ -33,8 +33,7 @@ bool has_avx512vnni() {
   return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg");
 }
 bool has_avx512bf16() {
-  return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
-         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg");
+  return has_avx512vnni() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 }
 // AMX-TILE and AMX-BF16 in CPUID, and (Linux) the kernel's permission for this process to use
 // the tile data state, asked for once (without it the first tile instruction raises SIGILL).

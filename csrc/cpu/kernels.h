@@ -143,14 +143,6 @@ inline int64_t planes_dequant_bf16_scratch_floats(const LayerView& layer, int64_
   return 64 + 16 * kPlaneDequantRows + layer.n_groups + 2 * max_nnz + 16;
 }
 
-// The dot-product kernel of the avx512bf16 and avx512vnni tables (plane_dot.inc) holds each activation
-// in up to this many 16-bit parts (int16 levels).
-constexpr int kPlaneDotMaxParts = 2;
-
-// Scratch of a plane matvec of n_vectors vectors: the table lookups' or, where the table has the
-// dot-product kernel (`dots`) and the batch is its, that kernel's.
-inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots);
-
 struct KernelTable {
   const char* name;
   MatvecFn matvec;
@@ -209,6 +201,11 @@ inline bool plane_dot_takes(int64_t n_vectors) {
   return n_vectors >= kPlaneDotMinVectors && n_vectors <= kPlaneDotMaxVectors;
 }
 
+// The dot-product kernel (plane_dot.inc) holds each activation in up to this many 16-bit parts (int16 levels).
+constexpr int kPlaneDotMaxParts = 2;
+
+// Scratch of a plane matvec of n_vectors vectors: the table lookups' or, where the table has the
+// dot-product kernel (`dots`) and the batch is its, that kernel's.
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots) {
   const int64_t G = layer.n_groups, G8 = (G + 7) / 8 * 8;
   if (dots && plane_dot_takes(n_vectors))

@@ -51,12 +51,35 @@ def test_conversions_round_trip_bit_exact(bits):
         planes = cpu_layout.to_planes(packed.qweight, n, m, bits)
         assert planes.dtype == torch.uint8 and planes.numel() == (m + 31) // 32 * (n // 16) * bits * 64
         assert torch.equal(cpu_layout.to_rows(planes, n, m, bits), packed.qweight)
-        form = cpu_layout.buffers_to_planes(packed.tensors(), n, m, bits)
+        geometry = cpu_layout.Geometry.of(packed)
+        form = cpu_layout.buffers_to_planes(packed.tensors(), geometry)
         assert form["scale_meta"].shape == (packed.scale_meta.shape[1], n // 16, 2)  # chunk-major [R, G, 2]
         assert form["scale_meta"].dtype == torch.int16  # the float16 bits
         assert torch.equal(form["zero_meta"][-1, 0].view(torch.float16), packed.zero_meta[0, -1])
-        back = cpu_layout.buffers_to_rows(form, n, m, bits)
+        # 3-bit statistics with qq_groupsize 16 take the block-major form; m = 1 (qq_groupsize 1) keeps the rows
+        assert geometry.stat_blocks == (m >= 16)
+        assert form["scale_codes"].dtype == (torch.uint8 if m >= 16 else torch.int32)
+        back = cpu_layout.buffers_to_rows(form, geometry)
         assert all(torch.equal(back[name], packed.tensors()[name]) for name in cpu_layout.PLANE_BUFFERS)
+
+
+def test_statistics_records_hold_each_blocks_bytes_of_each_group():
+    """Record (block b, group j) of the block-major form is bytes 12 b .. 12 b + 11 of group j's 3-bit row
+    stream (32 rows), zero past the stream's end, then 4 bytes of pad."""
+    gen = torch.Generator().manual_seed(47)
+    m, n = 70, 48  # 3 blocks, the last partial; 3 groups
+    packed = random_packed(gen, m, n, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.0)
+    form = cpu_layout.buffers_to_planes(packed.tensors(), cpu_layout.Geometry.of(packed))
+    rows = packed.scale_codes.contiguous().view(torch.uint8)  # [3, 28]: 70 codes of 3 bits in 7 words
+    blocks = form["scale_codes"]
+    assert blocks.numel() == 3 * 3 * 12 + 4
+    for b in range(3):
+        for j in range(3):
+            expected = torch.zeros(12, dtype=torch.uint8)
+            stream = rows[j, 12 * b:12 * b + 12]
+            expected[:stream.numel()] = stream
+            assert torch.equal(blocks[(b * 3 + j) * 12:(b * 3 + j + 1) * 12], expected), (b, j)
+    assert torch.equal(blocks[-4:], torch.zeros(4, dtype=torch.uint8))
 
 
 def test_layout_holds_each_code_bit_where_the_header_says():
@@ -91,6 +114,17 @@ def test_conversions_refuse_other_geometries_and_bad_buffers():
         run_op(torch.randn(1, 48), dataclasses.replace(packed, bits=5, qweight=planes))
     with pytest.raises(RuntimeError, match="scale_meta"):  # planes with group-major second-level parameters
         run_op(torch.randn(1, 48), dataclasses.replace(packed, qweight=planes))
+    form = cpu_layout.packed_to_planes(packed)
+    with pytest.raises(RuntimeError, match="zero_codes"):  # truncated block-major statistics
+        run_op(torch.randn(1, 48), dataclasses.replace(form, zero_codes=form.zero_codes[:-1]))
+    with pytest.raises(RuntimeError, match="block-major statistics form"):  # ... with the row streams' codes
+        run_op(torch.randn(1, 48), dataclasses.replace(packed, scale_codes=form.scale_codes))
+    with pytest.raises(RuntimeError, match="block-major statistics form"):  # ... for chunks of 8 rows
+        run_op(torch.randn(1, 48), dataclasses.replace(form, qq_groupsize=8))
+    with pytest.raises(RuntimeError, match="stat_bits"):
+        torch.ops.spqr_hf.stat_blocks_from_rows(packed.scale_codes, 20, 5)
+    with pytest.raises(RuntimeError, match="codes"):
+        torch.ops.spqr_hf.stat_rows_from_blocks(form.scale_codes[:-1], 3, 20, 3)
     # As many chunks as groups (48 rows in chunks of 16, 48 columns): the shapes agree, the dtype tells.
     square = random_packed(gen, 48, 48, bits=3, groupsize=16, qq_groupsize=16, stat_bits=3, outlier_fraction=0.0)
     assert square.scale_meta.shape == (3, 3, 2)
@@ -108,9 +142,9 @@ def test_plane_kernels_match_float64_reference(isa, bits):
     ones there) and a GEMM; on the avx512vnni and avx512bf16 paths the dot-product kernel takes batches
     of 3-64; CPUs without the plane kernels the row streams converted back: heights that
     end mid-block, widths of odd group counts, second-level chunks of 8-64 rows or not multiples of 16
-    (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits inline; 64 rows of 2 or 3 bits
-    fill their streams' rows, so the last block reads its words from earlier bytes), rows with 0 to many
-    outliers, bias."""
+    (the generic statistics decoder), raw and 2-8 bit statistics (2-4 bits with chunks of multiples of 16
+    rows block-major, decoded inline: the last block's words reach into the pad, a half past m takes the
+    last chunk), rows with 0 to many outliers, bias."""
     gen = torch.Generator().manual_seed(50 + bits)
     cases = [(32, 16, 3, 16), (70, 48, 3, 16), (33, 64, 4, 32), (40, 160, 16, 16), (96, 80, 2, 8), (64, 272, 3, 64),
              (50, 32, 3, 50), (200, 1024, 3, 16), (45, 48, 8, 12), (130, 96, 4, 48), (64, 96, 2, 16)]

@@ -26,9 +26,9 @@ constexpr int kInt16MetaChunks = 16;  // second-level chunks whose parameters it
 struct LayerView {
   const uint8_t* qweight;  // [m, qweight_row_bytes]
   int64_t qweight_row_bytes;
-  const uint8_t* scale_codes;  // [G, scale_row_bytes]
+  const uint8_t* scale_codes;  // [G, scale_row_bytes], or block-major (stat_blocks)
   int64_t scale_row_bytes;
-  const uint8_t* zero_codes;  // [G, zero_row_bytes]
+  const uint8_t* zero_codes;  // [G, zero_row_bytes], or block-major (stat_blocks)
   int64_t zero_row_bytes;
   const uint16_t* scale_meta;  // [G, R, 2] float16 bits ([R, G, 2] with planes), or nullptr when scale_bits == 16
   const uint16_t* zero_meta;  // the same for the zero points (zero_bits)
@@ -44,6 +44,7 @@ struct LayerView {
   int64_t groupsize, qq_groupsize, n_groups, n_chunks;
   const int32_t* lane_group;  // [n_padded] group of each permuted column (clamped to G - 1); row streams only
   const uint8_t* planes;  // the codes in the plane layout (spqr_hf/planes.h) instead of qweight, or nullptr
+  bool stat_blocks;  // scale_codes / zero_codes in the block-major form (planes.h; *_row_bytes 0), else row streams
   int x_bits;  // significand bits of the activations' dtype (8 bfloat16, 11 float16, 24 float32): how
                // finely a kernel that quantises them (int8_matvec.inc) must represent them
 };

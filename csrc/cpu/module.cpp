@@ -41,6 +41,14 @@ PyObject* plane_layout_fits(PyObject*, PyObject* args) {
   return PyBool_FromLong(bits >= 0 && bits < 64 && spqr_hf::plane_layout_fits(n, groupsize, static_cast<int>(bits)));
 }
 
+PyObject* stat_blocks_fit(PyObject*, PyObject* args) {
+  long long scale_bits, zero_bits, qq_groupsize;
+  if (!PyArg_ParseTuple(args, "LLL", &scale_bits, &zero_bits, &qq_groupsize)) return nullptr;
+  const bool in_range = scale_bits >= 0 && scale_bits < 64 && zero_bits >= 0 && zero_bits < 64;
+  return PyBool_FromLong(in_range && spqr_hf::stat_blocks_fit(static_cast<int>(scale_bits), static_cast<int>(zero_bits),
+                                                              qq_groupsize));
+}
+
 // os.environ[name] read with C getenv (CPython's os.environ writes go through putenv / unsetenv, so it
 // sees them): the pure-Python mapping took ~40 us on a cold cache, and SpQRLinear reads
 // SPQR_HF_BACKEND on every call. The GIL is held, so no setenv runs meanwhile.
@@ -59,6 +67,9 @@ PyMethodDef methods[] = {
      "Whether the CPU kernels in use have the plane-layout kernels (bfloat16 matvec, prefill)."},
     {"plane_layout_fits", plane_layout_fits, METH_VARARGS,
      "plane_layout_fits(in_features, groupsize, bits): whether a layer's codes can take the plane layout."},
+    {"stat_blocks_fit", stat_blocks_fit, METH_VARARGS,
+     "stat_blocks_fit(scale_bits, zero_bits, qq_groupsize): whether a plane-form layer's statistics codes take the "
+     "block-major form (qq_groupsize at most out_features)."},
     {"getenv", getenv_, METH_VARARGS, "getenv(name): the environment variable's value, or None (C getenv)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -242,6 +242,38 @@ at::Tensor rows_from_planes_cpu(const at::Tensor& planes, int64_t in_features, i
   return qweight;
 }
 
+// A statistics stream set's int32 row streams ([G, words_for(m, stat_bits)]) as the block-major form (uint8
+// [stat_blocks_bytes]; spqr_hf/planes.h).
+at::Tensor stat_blocks_from_rows_cpu(const at::Tensor& codes, int64_t out_features, int64_t stat_bits) {
+  const int64_t m = out_features;
+  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31) && stat_bits >= kStatBlockMinBits && stat_bits <= kStatBlockMaxBits,
+              "stat_blocks_from_rows: out_features=", m, " or stat_bits=", stat_bits, " out of range (bits in [",
+              kStatBlockMinBits, ", ", kStatBlockMaxBits, "])");
+  TORCH_CHECK(codes.dim() == 2, "stat_blocks_from_rows: codes must be [groups, words], got ", codes.sizes());
+  const int64_t G = codes.size(0);
+  check_buffer(codes, "codes", at::kInt, {G, words_for(m, stat_bits)});
+  const at::Tensor rows = codes.contiguous();
+  at::Tensor out = at::empty({stat_blocks_bytes(m, G, static_cast<int>(stat_bits))}, codes.options().dtype(at::kByte));
+  stat_blocks_from_rows(static_cast<const uint8_t*>(rows.const_data_ptr()), rows.size(1) * 4, m, G,
+                        static_cast<int>(stat_bits), out.data_ptr<uint8_t>());
+  return out;
+}
+
+// The block-major form back as the int32 row streams [n_groups, words_for(m, stat_bits)], bit for bit.
+at::Tensor stat_rows_from_blocks_cpu(const at::Tensor& blocks, int64_t n_groups, int64_t out_features,
+                                     int64_t stat_bits) {
+  const int64_t m = out_features, G = n_groups;
+  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31) && G >= 1 && G <= kMaxInFeatures && stat_bits >= kStatBlockMinBits &&
+                  stat_bits <= kStatBlockMaxBits,
+              "stat_rows_from_blocks: n_groups=", G, ", out_features=", m, " or stat_bits=", stat_bits, " out of range");
+  check_buffer(blocks, "codes", at::kByte, {stat_blocks_bytes(m, G, static_cast<int>(stat_bits))});
+  const at::Tensor in = blocks.contiguous();
+  at::Tensor rows = at::empty({G, words_for(m, stat_bits)}, blocks.options().dtype(at::kInt));
+  stat_rows_from_blocks(in.data_ptr<uint8_t>(), m, G, static_cast<int>(stat_bits),
+                        reinterpret_cast<uint8_t*>(rows.data_ptr<int32_t>()), rows.size(1) * 4);
+  return rows;
+}
+
 at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale_codes,
                            const at::Tensor& zero_codes, const std::optional<at::Tensor>& scale_meta,
                            const std::optional<at::Tensor>& zero_meta, const at::Tensor& perm,
@@ -275,8 +307,22 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   } else {
     check_buffer(qweight, "qweight", at::kInt, {m, words_for(n, bits)});
   }
-  check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
-  check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
+  // The statistics codes: int32 row streams [G, words], or with planes the block-major form (uint8,
+  // spqr_hf/planes.h; SpQRLinear's form where stat_blocks_fit).
+  const int64_t qq_seen = std::min(qq_groupsize, m);  // qq_groupsize as the kernels see it
+  const bool stat_blocks = scale_codes.scalar_type() == at::kByte;
+  if (stat_blocks) {
+    TORCH_CHECK(planes && stat_blocks_fit(static_cast<int>(scale_bits), static_cast<int>(zero_bits), qq_seen),
+                "spqr_linear: uint8 'scale_codes' (the block-major statistics form) needs the plane layout and "
+                "scale_bits == zero_bits in [", kStatBlockMinBits, ", ", kStatBlockMaxBits,
+                "] with qq_groupsize a multiple of 16; got scale_bits=", scale_bits, ", zero_bits=", zero_bits,
+                ", qq_groupsize=", qq_groupsize);
+    check_buffer(scale_codes, "scale_codes", at::kByte, {stat_blocks_bytes(m, G, static_cast<int>(scale_bits))});
+    check_buffer(zero_codes, "zero_codes", at::kByte, {stat_blocks_bytes(m, G, static_cast<int>(zero_bits))});
+  } else {
+    check_buffer(scale_codes, "scale_codes", at::kInt, {G, words_for(m, scale_bits)});
+    check_buffer(zero_codes, "zero_codes", at::kInt, {G, words_for(m, zero_bits)});
+  }
   // The second-level parameters: float16 [G, R, 2]; with planes chunk-major [R, G, 2] and int16 (the
   // same bits: told apart by dtype where R == G; spqr_hf/planes.h).
   const std::vector<int64_t> meta_shape = planes ? std::vector<int64_t>{R, G, 2} : std::vector<int64_t>{G, R, 2};
@@ -310,7 +356,11 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       if (!meta.has_value()) return std::nullopt;
       return meta->transpose(0, 1).contiguous().view(at::kHalf);
     };
-    return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), scale_codes, zero_codes,
+    const auto stat_rows = [&](const at::Tensor& codes, int64_t stat_bits) {
+      return stat_blocks ? stat_rows_from_blocks_cpu(codes, G, m, stat_bits) : codes;
+    };
+    return spqr_linear_cpu(x, rows_from_planes_cpu(qweight, n, m, bits), stat_rows(scale_codes, scale_bits),
+                           stat_rows(zero_codes, zero_bits),
                            scale_bits != kRawStatBits ? group_major(scale_meta) : scale_meta,
                            zero_bits != kRawStatBits ? group_major(zero_meta) : zero_meta, perm, outlier_row_ptr,
                            outlier_col, outlier_delta, bias, in_features, out_features, bits, groupsize, qq_groupsize,
@@ -369,10 +419,11 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.qweight = planes ? nullptr : reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());
   L.qweight_row_bytes = words_for(n, bits) * 4;
   L.planes = planes ? pl.data_ptr<uint8_t>() : nullptr;
-  L.scale_codes = reinterpret_cast<const uint8_t*>(sc.data_ptr<int32_t>());
-  L.scale_row_bytes = sc.size(1) * 4;
-  L.zero_codes = reinterpret_cast<const uint8_t*>(zc.data_ptr<int32_t>());
-  L.zero_row_bytes = zc.size(1) * 4;
+  L.scale_codes = static_cast<const uint8_t*>(sc.const_data_ptr());
+  L.scale_row_bytes = stat_blocks ? 0 : sc.size(1) * 4;
+  L.zero_codes = static_cast<const uint8_t*>(zc.const_data_ptr());
+  L.stat_blocks = stat_blocks;
+  L.zero_row_bytes = stat_blocks ? 0 : zc.size(1) * 4;
   L.scale_meta = sm.defined() ? static_cast<const uint16_t*>(sm.const_data_ptr()) : nullptr;  // float16 bits
   L.zero_meta = zm.defined() ? static_cast<const uint16_t*>(zm.const_data_ptr()) : nullptr;
   L.meta_group_stride = planes ? 2 : R * 2;
@@ -387,7 +438,7 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.scale_bits = static_cast<int>(scale_bits);
   L.zero_bits = static_cast<int>(zero_bits);
   L.groupsize = effective_group;
-  L.qq_groupsize = std::min(qq_groupsize, m);
+  L.qq_groupsize = qq_seen;
   L.n_groups = G;
   L.n_chunks = R;
   L.lane_group = planes ? nullptr : lane_group.data();
@@ -532,6 +583,8 @@ TORCH_LIBRARY_IMPL(spqr_hf, CPU, m) {
   m.impl("spqr_linear", &spqr_linear_cpu);
   m.impl("planes_from_rows", &planes_from_rows_cpu);
   m.impl("rows_from_planes", &rows_from_planes_cpu);
+  m.impl("stat_blocks_from_rows", &stat_blocks_from_rows_cpu);
+  m.impl("stat_rows_from_blocks", &stat_rows_from_blocks_cpu);
 }
 
 }  // namespace cpu

@@ -87,6 +87,59 @@ inline void planes_from_rows(const uint32_t* qweight, int64_t m, int64_t n, int 
   }
 }
 
+// The plane form's statistics codes: where both streams have the same width of kStatBlockMinBits ..
+// kStatBlockMaxBits bits and every 16-row half of a block lies inside one second-level chunk
+// (stat_blocks_fit), SpQRLinear keeps scale_codes and zero_codes block-major too (uint8; never in a
+// checkpoint):
+//   [blocks][G][4 SB bytes], then kStatBlockPad zero bytes
+// record (b, j) is bytes 4 SB b .. 4 SB b + 4 SB - 1 of group j's row stream: the codes of rows 32 b ..
+// 32 b + 31 (zero past the stream's end). Why: the group-major streams put a block's records a row (G
+// lines) apart, one line and one page per group; block by block they are read in order. Cold batch-1 calls on
+// a Zen 4 took 0.86 / 0.97 / 0.98x the time (4096 x 11008 / 11008 x 4096 / 4096 x 4096; benchmarks/RESULTS.md).
+// The inline decoder reads 8 rows' codes as the 32-bit word at their first byte: the pad keeps the last
+// record's words inside the buffer.
+constexpr int kStatBlockMinBits = 2;
+constexpr int kStatBlockMaxBits = 4;
+constexpr int64_t kStatBlockPad = 4;
+
+// Bytes of one record (32 rows of SB-bit codes).
+SPQR_HD int64_t stat_record_bytes(int stat_bits) { return kPlaneRows * stat_bits / 8; }
+
+// Whether a plane-form layer's statistics codes take the block-major form; qq_groupsize as the kernels
+// see it (at most m).
+SPQR_HD bool stat_blocks_fit(int scale_bits, int zero_bits, int64_t qq_groupsize) {
+  return scale_bits == zero_bits && scale_bits >= kStatBlockMinBits && scale_bits <= kStatBlockMaxBits &&
+         qq_groupsize % 16 == 0;
+}
+
+// Bytes of the block-major form of one statistics stream set ([G] rows of m codes).
+SPQR_HD int64_t stat_blocks_bytes(int64_t m, int64_t G, int stat_bits) {
+  return plane_blocks(m) * G * stat_record_bytes(stat_bits) + kStatBlockPad;
+}
+
+// Row streams (G rows of row_bytes bytes) -> the block-major form (stat_blocks_bytes, every byte written).
+inline void stat_blocks_from_rows(const uint8_t* rows, int64_t row_bytes, int64_t m, int64_t G, int stat_bits,
+                                  uint8_t* out) {
+  const int64_t record = stat_record_bytes(stat_bits), blocks = plane_blocks(m);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t j = 0; j < G; ++j)
+      for (int64_t k = 0; k < record; ++k) {
+        const int64_t at = b * record + k;
+        out[(b * G + j) * record + k] = at < row_bytes ? rows[j * row_bytes + at] : 0;
+      }
+  for (int64_t k = 0; k < kStatBlockPad; ++k) out[blocks * G * record + k] = 0;
+}
+
+// The inverse: every byte of the G row streams written (row_bytes <= blocks * record: the streams end
+// inside the last block's records).
+inline void stat_rows_from_blocks(const uint8_t* blocks_in, int64_t m, int64_t G, int stat_bits, uint8_t* rows,
+                                  int64_t row_bytes) {
+  const int64_t record = stat_record_bytes(stat_bits);
+  for (int64_t j = 0; j < G; ++j)
+    for (int64_t at = 0; at < row_bytes; ++at)
+      rows[j * row_bytes + at] = blocks_in[((at / record) * G + j) * record + at % record];
+}
+
 // spread[bits - kPlaneMinBits][byte]: bit i of byte at bit bits * i (one plane's bits of 8 codes, moved
 // to where those codes' bits of that plane sit in a row stream).
 struct PlaneSpread {

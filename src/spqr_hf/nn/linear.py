@@ -94,7 +94,7 @@ class SpQRLinear(nn.Module):
         """The buffers the plane form changes, in the checkpoint form: converted (new tensors) while
         the module holds the plane form, else its own."""
         if self._planes:
-            return cpu_layout.buffers_to_rows(self._buffers, self.in_features, self.out_features, self.bits)
+            return cpu_layout.buffers_to_rows(self._buffers, cpu_layout.Geometry.of(self))
         return {name: self._buffers[name] for name in cpu_layout.PLANE_BUFFERS}
 
     def _use_rows(self) -> None:
@@ -113,8 +113,7 @@ class SpQRLinear(nn.Module):
                 and not torch.compiler.is_compiling() and cpu_layout.wanted() and cpu_layout.kernels_available()
                 and cpu_layout.layer_fits(self.in_features, self.groupsize, self.bits)):
             with torch.no_grad():
-                self._buffers.update(cpu_layout.buffers_to_planes(
-                    self._buffers, self.in_features, self.out_features, self.bits))
+                self._buffers.update(cpu_layout.buffers_to_planes(self._buffers, cpu_layout.Geometry.of(self)))
             self._planes = True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -141,7 +140,7 @@ class SpQRLinear(nn.Module):
         buffers, rows = self._buffers, self._row_buffers()
         return PackedSpQR(
             *self.geometry,
-            qweight=rows["qweight"], scale_codes=buffers["scale_codes"], zero_codes=buffers["zero_codes"],
+            qweight=rows["qweight"], scale_codes=rows["scale_codes"], zero_codes=rows["zero_codes"],
             scale_meta=rows["scale_meta"], zero_meta=rows["zero_meta"], perm=buffers["perm"],
             outlier_row_ptr=buffers["outlier_row_ptr"], outlier_col=buffers["outlier_col"],
             outlier_delta=buffers["outlier_delta"],

@@ -31,6 +31,11 @@ PLANES_FROM_ROWS = "spqr_hf::planes_from_rows"
 ROWS_FROM_PLANES = "spqr_hf::rows_from_planes"
 torch.library.define(PLANES_FROM_ROWS, "(Tensor qweight, int in_features, int out_features, int bits) -> Tensor")
 torch.library.define(ROWS_FROM_PLANES, "(Tensor planes, int in_features, int out_features, int bits) -> Tensor")
+# ... and its block-major form of the statistics codes (where both streams fit it).
+STAT_BLOCKS_FROM_ROWS = "spqr_hf::stat_blocks_from_rows"
+STAT_ROWS_FROM_BLOCKS = "spqr_hf::stat_rows_from_blocks"
+torch.library.define(STAT_BLOCKS_FROM_ROWS, "(Tensor codes, int out_features, int stat_bits) -> Tensor")
+torch.library.define(STAT_ROWS_FROM_BLOCKS, "(Tensor blocks, int n_groups, int out_features, int stat_bits) -> Tensor")
 
 
 def _packed_from_args(args: tuple) -> PackedSpQR:

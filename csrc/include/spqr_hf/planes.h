@@ -94,8 +94,9 @@ inline void planes_from_rows(const uint32_t* qweight, int64_t m, int64_t n, int 
 //   [blocks][G][4 SB bytes], then kStatBlockPad zero bytes
 // record (b, j) is bytes 4 SB b .. 4 SB b + 4 SB - 1 of group j's row stream: the codes of rows 32 b ..
 // 32 b + 31 (zero past the stream's end). Why: the group-major streams put a block's records a row (G
-// lines) apart, one line and one page per group; block by block they are read in order. Cold batch-1 calls on
-// a Zen 4 took 0.86 / 0.97 / 0.98x the time (4096 x 11008 / 11008 x 4096 / 4096 x 4096; benchmarks/RESULTS.md).
+// lines) apart, one line and one page per group; block by block they are read in order. Cold batch-1 calls
+// on a Zen 4 took 0.82-0.86x the time on 4096 x 11008, 0.88-0.97x on 11008 x 4096, 0.97-1.0x on 4096 x 4096
+// (benchmarks/RESULTS.md).
 // The inline decoder reads 8 rows' codes as the 32-bit word at their first byte: the pad keeps the last
 // record's words inside the buffer.
 constexpr int kStatBlockMinBits = 2;

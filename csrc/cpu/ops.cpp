@@ -242,15 +242,22 @@ at::Tensor rows_from_planes_cpu(const at::Tensor& planes, int64_t in_features, i
   return qweight;
 }
 
+// The geometry checks of the block-major statistics form's ops (as check_plane_geometry for the codes').
+void check_stat_block_geometry(const char* op, int64_t m, int64_t G, int64_t stat_bits) {
+  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31) && G >= 1 && G <= kMaxInFeatures, op, ": out_features=", m,
+              " and n_groups=", G, " out of range");
+  TORCH_CHECK(stat_bits >= kStatBlockMinBits && stat_bits <= kStatBlockMaxBits, op,
+              ": the block-major statistics form needs stat_bits in [", kStatBlockMinBits, ", ", kStatBlockMaxBits,
+              "]; got ", stat_bits);
+}
+
 // A statistics stream set's int32 row streams ([G, words_for(m, stat_bits)]) as the block-major form (uint8
 // [stat_blocks_bytes]; spqr_hf/planes.h).
 at::Tensor stat_blocks_from_rows_cpu(const at::Tensor& codes, int64_t out_features, int64_t stat_bits) {
   const int64_t m = out_features;
-  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31) && stat_bits >= kStatBlockMinBits && stat_bits <= kStatBlockMaxBits,
-              "stat_blocks_from_rows: out_features=", m, " or stat_bits=", stat_bits, " out of range (bits in [",
-              kStatBlockMinBits, ", ", kStatBlockMaxBits, "])");
   TORCH_CHECK(codes.dim() == 2, "stat_blocks_from_rows: codes must be [groups, words], got ", codes.sizes());
   const int64_t G = codes.size(0);
+  check_stat_block_geometry("stat_blocks_from_rows", m, G, stat_bits);
   check_buffer(codes, "codes", at::kInt, {G, words_for(m, stat_bits)});
   const at::Tensor rows = codes.contiguous();
   at::Tensor out = at::empty({stat_blocks_bytes(m, G, static_cast<int>(stat_bits))}, codes.options().dtype(at::kByte));
@@ -263,9 +270,7 @@ at::Tensor stat_blocks_from_rows_cpu(const at::Tensor& codes, int64_t out_featur
 at::Tensor stat_rows_from_blocks_cpu(const at::Tensor& blocks, int64_t n_groups, int64_t out_features,
                                      int64_t stat_bits) {
   const int64_t m = out_features, G = n_groups;
-  TORCH_CHECK(m >= 1 && m < (int64_t(1) << 31) && G >= 1 && G <= kMaxInFeatures && stat_bits >= kStatBlockMinBits &&
-                  stat_bits <= kStatBlockMaxBits,
-              "stat_rows_from_blocks: n_groups=", G, ", out_features=", m, " or stat_bits=", stat_bits, " out of range");
+  check_stat_block_geometry("stat_rows_from_blocks", m, G, stat_bits);
   check_buffer(blocks, "codes", at::kByte, {stat_blocks_bytes(m, G, static_cast<int>(stat_bits))});
   const at::Tensor in = blocks.contiguous();
   at::Tensor rows = at::empty({G, words_for(m, stat_bits)}, blocks.options().dtype(at::kInt));
@@ -422,8 +427,8 @@ at::Tensor spqr_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   L.scale_codes = static_cast<const uint8_t*>(sc.const_data_ptr());
   L.scale_row_bytes = stat_blocks ? 0 : sc.size(1) * 4;
   L.zero_codes = static_cast<const uint8_t*>(zc.const_data_ptr());
-  L.stat_blocks = stat_blocks;
   L.zero_row_bytes = stat_blocks ? 0 : zc.size(1) * 4;
+  L.stat_blocks = stat_blocks;
   L.scale_meta = sm.defined() ? static_cast<const uint16_t*>(sm.const_data_ptr()) : nullptr;  // float16 bits
   L.zero_meta = zm.defined() ? static_cast<const uint16_t*>(zm.const_data_ptr()) : nullptr;
   L.meta_group_stride = planes ? 2 : R * 2;

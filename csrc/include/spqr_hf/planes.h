@@ -104,7 +104,7 @@ constexpr int kStatBlockMaxBits = 4;
 constexpr int64_t kStatBlockPad = 4;
 
 // Bytes of one record (32 rows of SB-bit codes).
-SPQR_HD int64_t stat_record_bytes(int stat_bits) { return kPlaneRows * stat_bits / 8; }
+SPQR_HD constexpr int64_t stat_record_bytes(int stat_bits) { return kPlaneRows * stat_bits / 8; }
 
 // Whether a plane-form layer's statistics codes take the block-major form; qq_groupsize as the kernels
 // see it (at most m).

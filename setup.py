@@ -27,8 +27,8 @@ _CPU_FLAGS = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fvisibility-inl
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 # The avx512vnni and avx512bf16 tables' CPUs (cpu_features.cpp has_avx512vnni: Ice Lake and later;
 # has_avx512bf16: Zen 4, Sapphire Rapids and later).
-_AVX512_VNNI_FLAGS = [*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bitalg"]
-_AVX512_BF16_FLAGS = [*_AVX512_VNNI_FLAGS, "-mavx512bf16", "-mavx512vbmi"]
+_AVX512_VNNI_FLAGS = [*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bitalg", "-mavx512vbmi"]
+_AVX512_BF16_FLAGS = [*_AVX512_VNNI_FLAGS, "-mavx512bf16"]
 # Per-ISA kernel files, each compiled with its own flags; cpu_features.cpp picks one at run time.
 _CPU_ISA_SOURCES = {
     "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"],

@@ -29,12 +29,12 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+// VBMI for the plane lookups' VPERMB (plane_kernels.inc kSextetTables): every CPU with BITALG has it.
 bool has_avx512vnni() {
-  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg");
+  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg") &&
+         __builtin_cpu_supports("avx512vbmi");
 }
-bool has_avx512bf16() {
-  return has_avx512vnni() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
-}
+bool has_avx512bf16() { return has_avx512vnni() && __builtin_cpu_supports("avx512bf16"); }
 // AMX-TILE and AMX-BF16 in CPUID, and (Linux) the kernel's permission for this process to use
 // the tile data state, asked for once (without it the first tile instruction raises SIGILL).
 bool has_amx() {

@@ -205,6 +205,10 @@ inline bool plane_dot_takes(int64_t n_vectors) {
 // The dot-product kernel (plane_dot.inc) holds each activation in up to this many 16-bit parts (int16 levels).
 constexpr int kPlaneDotMaxParts = 2;
 
+// The most bytes of activation tables the table lookups build per 16-column group and level
+// (plane_kernels.inc's kGroupTableBytes in each of its builds).
+constexpr int64_t kPlaneGroupTableBytes = 256;
+
 // Scratch of a plane matvec of n_vectors vectors: the table lookups' or, where the table has the
 // dot-product kernel (`dots`) and the batch is its, that kernel's.
 inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, bool dots) {
@@ -215,8 +219,9 @@ inline int64_t planes_scratch_floats(const LayerView& layer, int64_t n_vectors, 
     // lanes; alignment.
     return n_vectors * (32 + 2 * G + 8 * G * kPlaneDotMaxParts) + layer.n * ((n_vectors + 15) / 16 * 16) + 8 * G8 +
            64 + 16;
-  // Table lookups, per vector: tables (128 bytes per group and level), units and group sums; the same rest.
-  return n_vectors * (32 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
+  // Table lookups, per vector: tables (up to kPlaneGroupTableBytes per group and level), units and group
+  // sums; the same rest.
+  return n_vectors * (kPlaneGroupTableBytes / 4 * G * plane_levels(layer) + 2 * G) + 8 * G8 + 64 + 16;
 }
 
 extern const KernelTable kScalarKernels;

@@ -39,7 +39,7 @@ constexpr int kPlaneMinBits = 2;
 constexpr int kPlaneMaxBits = 4;
 
 // Row (within its block) whose bits byte slot t (0..31) holds.
-SPQR_HD int plane_row(int t) { return 8 * ((t % 16) / 4) + 4 * (t / 16) + t % 4; }
+SPQR_HD constexpr int plane_row(int t) { return 8 * ((t % 16) / 4) + 4 * (t / 16) + t % 4; }
 
 // Whether a layer's codes can take the plane layout.
 SPQR_HD bool plane_layout_fits(int64_t n, int64_t groupsize, int bits) {
